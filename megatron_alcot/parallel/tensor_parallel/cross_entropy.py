@@ -1,0 +1,151 @@
+"""Cross entropy and target probabilities over vocab-parallel logits, without gathering the vocab.
+
+    loss = vocab_parallel_cross_entropy(logits_parallel, target)     # [...] per-token, autograd
+    p = vocab_parallel_target_prob(logits_parallel, target)          # [...] p(target), no_grad
+    logp = vocab_parallel_target_logprob(logits_parallel, target)    # [...] log p(target), no_grad
+    p = chunked_target_prob(hidden, weight_parallel, target, chunk_rows=4096)   # no [n, V] logits
+
+``logits_parallel`` is ``[..., V/tp]`` with TP rank r holding vocab rows ``[r·V/tp, (r+1)·V/tp)``
+(what a ``ColumnParallelLinear`` LM head with ``gather_output=False`` returns); ``target`` holds
+global vocab ids. Everything is computed in fp32 with the max subtracted across TP ranks. At TP = 1
+there is no communication and the results equal ``F.cross_entropy`` / ``softmax``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_alcot.parallel import state
+from megatron_alcot.parallel.tensor_parallel.utils import vocab_range
+
+
+def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    if state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(t, op=op, group=state.get_tensor_model_parallel_group())
+    return t
+
+
+def _local_target(target: torch.Tensor, per_partition: int):
+    """(index into this rank's vocab slice, mask of targets owned by another rank)."""
+    start, end = vocab_range(per_partition, state.get_tensor_model_parallel_rank())
+    target = target.long()
+    outside = (target < start) | (target >= end)
+    return (target - start).masked_fill(outside, 0), outside
+
+
+def _target_logit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Global logit of the target, gathered from whichever rank owns it."""
+    local, outside = _local_target(target, logits.shape[-1])
+    picked = logits.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+    return _all_reduce(picked)
+
+
+def _global_max(logits: torch.Tensor) -> torch.Tensor:
+    return _all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_parallel, target, label_smoothing):
+        logits = logits_parallel.float() - _global_max(logits_parallel.float()).unsqueeze(-1)
+        predicted = _target_logit(logits, target)
+        exp = logits.exp()
+        sum_exp = _all_reduce(exp.sum(dim=-1))
+        log_z = sum_exp.log()
+        loss = log_z - predicted
+        vocab = logits.shape[-1] * state.get_tensor_model_parallel_world_size()
+        if label_smoothing > 0:
+            # F.cross_entropy's smoothing: (1-e)·nll + e·mean_j(-log p_j) over the whole vocab.
+            mean_logit = _all_reduce(logits.sum(dim=-1)) / vocab
+            loss = (1.0 - label_smoothing) * loss + label_smoothing * (log_z - mean_logit)
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        local, outside = _local_target(target, logits.shape[-1])
+        ctx.save_for_backward(softmax, local, outside)
+        ctx.label_smoothing, ctx.vocab, ctx.dtype = label_smoothing, vocab, logits_parallel.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        eps = ctx.label_smoothing
+        hit = (~outside).to(grad.dtype) * (1.0 - eps)
+        grad.scatter_add_(-1, local.unsqueeze(-1), -hit.unsqueeze(-1))
+        if eps > 0:
+            grad.sub_(eps / ctx.vocab)
+        grad.mul_(grad_loss.float().unsqueeze(-1))
+        return grad.to(ctx.dtype), None, None
+
+
+def vocab_parallel_cross_entropy(logits_parallel: torch.Tensor, target: torch.Tensor,
+                                 label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-token CE ``[...]`` (fp32) of vocab-parallel logits ``[..., V/tp]``; differentiable."""
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+    return _VocabParallelCrossEntropy.apply(logits_parallel, target, float(label_smoothing))
+
+
+@torch.no_grad()
+def vocab_parallel_target_logprob(logits_parallel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` ``[...]`` in fp32, without an autograd graph."""
+    logits = logits_parallel.float()
+    logits = logits - _global_max(logits).unsqueeze(-1)
+    log_z = _all_reduce(logits.exp().sum(dim=-1)).log()
+    return _target_logit(logits, target) - log_z
+
+
+@torch.no_grad()
+def vocab_parallel_target_prob(logits_parallel: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``p(target)`` ``[...]`` in fp32, without an autograd graph."""
+    return vocab_parallel_target_logprob(logits_parallel, target).exp()
+
+
+@torch.no_grad()
+def chunked_target_logprob(hidden: torch.Tensor, weight_parallel: torch.Tensor, target: torch.Tensor,
+                           chunk_rows: int = 4096, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+    """``log p(target)`` for ``logits = hidden @ weight_parallel.T`` without materialising them.
+
+    ``hidden [n, h]`` (or ``[..., h]``, flattened) must be identical on every TP rank,
+    ``weight_parallel [V/tp, h]`` is this rank's LM-head shard, ``target [n]`` global ids.
+    Rows are processed ``chunk_rows`` at a time, and within a row chunk the local vocabulary
+    ``chunk_vocab`` rows at a time with a running max / sum-exp, so peak extra memory is
+    ``chunk_rows x min(chunk_vocab, V/tp)`` fp32. Three small all-reduces per row chunk.
+    Returns fp32 ``[n]`` (shaped like ``target``).
+    """
+    shape = target.shape
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    target = target.reshape(-1)
+    if hidden.shape[0] != target.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but target has {target.shape[0]}")
+    per_partition = weight_parallel.shape[0]
+    chunk_vocab = chunk_vocab or per_partition
+    local_target, outside = _local_target(target, per_partition)
+    out = torch.empty(target.shape[0], dtype=torch.float32, device=hidden.device)
+    for r0 in range(0, hidden.shape[0], chunk_rows):
+        h = hidden[r0:r0 + chunk_rows]
+        rows = h.shape[0]
+        run_max = torch.full((rows,), float("-inf"), device=h.device)
+        run_sum = torch.zeros(rows, device=h.device)
+        tgt = torch.zeros(rows, device=h.device)
+        lt, out_mask = local_target[r0:r0 + rows], outside[r0:r0 + rows]
+        for v0 in range(0, per_partition, chunk_vocab):
+            logits = (h @ weight_parallel[v0:v0 + chunk_vocab].t()).float()
+            new_max = torch.maximum(run_max, logits.max(dim=-1).values)
+            run_sum = run_sum * (run_max - new_max).exp() + (logits - new_max.unsqueeze(-1)).exp().sum(-1)
+            run_max = new_max
+            here = (~out_mask) & (lt >= v0) & (lt < v0 + logits.shape[-1])
+            idx = (lt - v0).clamp(0, logits.shape[-1] - 1)
+            tgt += logits.gather(-1, idx.unsqueeze(-1)).squeeze(-1).masked_fill(~here, 0.0)
+        global_max = _all_reduce(run_max.clone(), op=dist.ReduceOp.MAX)
+        log_z = _all_reduce(run_sum * (run_max - global_max).exp()).log() + global_max
+        out[r0:r0 + rows] = _all_reduce(tgt) - log_z
+    return out.reshape(shape)
+
+
+@torch.no_grad()
+def chunked_target_prob(hidden: torch.Tensor, weight_parallel: torch.Tensor, target: torch.Tensor,
+                        chunk_rows: int = 4096, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+    """``p(target)`` fp32 ``[n]``; see :func:`chunked_target_logprob`."""
+    return chunked_target_logprob(hidden, weight_parallel, target, chunk_rows, chunk_vocab).exp()
