@@ -1,0 +1,23 @@
+"""Remote code shipped into ``llama_alcot`` exports (``auto_map``), plus helpers for the converter.
+
+    from megatron_alcot.hf import REMOTE_CODE_FILES, copy_remote_code
+    copy_remote_code("hf_out")       # writes configuration_llama_alcot.py + modeling_llama_alcot.py
+
+``configuration_llama_alcot.py`` and ``modeling_llama_alcot.py`` import only torch and transformers,
+so the copies in an export directory work without megatron_alcot installed.
+"""
+import os
+import shutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REMOTE_CODE_FILES = ("configuration_llama_alcot.py", "modeling_llama_alcot.py")
+
+
+def copy_remote_code(target_dir: str) -> list:
+    """Copy the remote-code files into ``target_dir``; returns the written paths."""
+    written = []
+    for name in REMOTE_CODE_FILES:
+        dst = os.path.join(target_dir, name)
+        shutil.copyfile(os.path.join(HERE, name), dst)
+        written.append(dst)
+    return written
