@@ -58,7 +58,7 @@ class ModelConfig:
     latent_loss_weight: float = 0.03          # --latent-loss-weight (λ)
     latent_loss_beta: float = 1.0             # --latent-loss-beta (β)
     latent_readout: str = "hidden"            # --latent-readout {hidden,prob}
-    latent_embed_scale: Optional[float] = None  # --latent-embed-scale; None: sqrt(2.5·h); 0 disables
+    latent_embed_scale: Optional[float] = None  # --latent-embed-scale; None: sqrt(2.5·h), pause/ponder sqrt(h)
     latent_prob_chunk: int = 4096             # --latent-prob-chunk (rows per no-grad target-prob chunk)
 
     # --- derived ---------------------------------------------------------------
@@ -93,6 +93,8 @@ class ModelConfig:
             return self.latent_embed_scale or 1.0
         if self.latent_method == "vanilla":
             return 1.0
+        if self.latent_method in ("pause", "ponder"):
+            return math.sqrt(self.hidden_size)   # the reference baselines scale by sqrt(d)
         return math.sqrt(2.5 * self.hidden_size)
 
     @property
@@ -111,6 +113,19 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "init_method_std"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{_flag(name)} must be positive when set, got {value}")
+        if self.norm_epsilon <= 0 or self.rotary_base <= 0:
+            raise ConfigError(f"--norm-epsilon ({self.norm_epsilon}) and --rotary-base "
+                              f"({self.rotary_base}) must be positive")
+        for name in ("attention_dropout", "hidden_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{_flag(name)} must lie in [0, 1), got {getattr(self, name)}")
+        if self.latent_embed_scale is not None and self.latent_embed_scale < 0:
+            raise ConfigError(f"--latent-embed-scale must be >= 0 (0 disables scaling), "
+                              f"got {self.latent_embed_scale}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
@@ -222,3 +237,194 @@ class DataConfig:
     eod_mask_loss: bool = False                         # --eod-mask-loss
     num_workers: int = 2                                # --num-workers (DataLoader workers)
     mmap_bin_files: bool = True                         # --no-mmap-bin-files turns it off
+
+
+LR_DECAY_STYLES = ("cosine", "linear", "constant")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (Megatron semantics, DESIGN §4).
+
+        >>> OptimizerConfig(lr=3e-4, min_lr=3e-5, lr_warmup_fraction=0.02).validate(train_iters=50000)
+    """
+
+    optimizer: str = "adam"                   # --optimizer {adam} (AdamW: decoupled weight decay)
+    lr: float = 3e-4                          # --lr (peak)
+    min_lr: float = 0.0                       # --min-lr (floor after decay)
+    lr_decay_style: str = "cosine"            # --lr-decay-style {cosine,linear,constant}
+    lr_decay_iters: Optional[int] = None      # --lr-decay-iters; None: the whole run
+    lr_warmup_iters: int = 0                  # --lr-warmup-iters
+    lr_warmup_fraction: Optional[float] = None  # --lr-warmup-fraction (of the decay iterations)
+    lr_warmup_init: float = 0.0               # --lr-warmup-init (LR at iteration 0)
+    weight_decay: float = 0.01                # --weight-decay (not applied to norms, biases, 1-D params)
+    adam_beta1: float = 0.9                   # --adam-beta1
+    adam_beta2: float = 0.999                 # --adam-beta2
+    adam_eps: float = 1e-8                    # --adam-eps
+    clip_grad: float = 1.0                    # --clip-grad (global L2 norm; 0 disables)
+
+    def warmup_iters(self, decay_iters: int) -> int:
+        if self.lr_warmup_fraction is not None:
+            return int(self.lr_warmup_fraction * decay_iters)
+        return self.lr_warmup_iters
+
+    def validate(self, train_iters: Optional[int] = None) -> None:
+        if self.optimizer != "adam":
+            raise ConfigError(f"--optimizer {self.optimizer!r} is not supported; use adam (AdamW)")
+        if self.lr < 0 or self.min_lr < 0:
+            raise ConfigError("--lr and --min-lr must be >= 0")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is unknown; "
+                              f"choose one of {', '.join(LR_DECAY_STYLES)}")
+        if self.lr_warmup_fraction is not None:
+            if self.lr_warmup_iters:
+                raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
+            if not 0.0 <= self.lr_warmup_fraction <= 1.0:
+                raise ConfigError(f"--lr-warmup-fraction must lie in [0, 1], got {self.lr_warmup_fraction}")
+        if self.lr_warmup_iters < 0:
+            raise ConfigError(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        decay = self.lr_decay_iters if self.lr_decay_iters is not None else train_iters
+        if self.lr_decay_iters is not None and self.lr_decay_iters <= 0:
+            raise ConfigError(f"--lr-decay-iters must be positive, got {self.lr_decay_iters}")
+        if decay is not None and self.warmup_iters(decay) > decay:
+            raise ConfigError(f"warm-up ({self.warmup_iters(decay)} iterations, --lr-warmup-iters/"
+                              f"--lr-warmup-fraction) is longer than the decay ({decay}, --lr-decay-iters)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{_flag(name)} must lie in [0, 1), got {getattr(self, name)}")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"--adam-eps must be positive, got {self.adam_eps}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+
+
+@dataclass
+class TrainConfig:
+    """Batching, length of the run, precision, recompute, checkpoints and exits.
+
+    ``train_iters`` is the run length; ``--train-samples`` is converted to it in ``arguments.py``.
+
+        >>> TrainConfig(micro_batch_size=4, global_batch_size=256, train_iters=100).validate(dp=8)
+        >>> TrainConfig(micro_batch_size=4, global_batch_size=256).num_micro_batches(dp=8)
+        8
+    """
+
+    micro_batch_size: int = 1                 # --micro-batch-size
+    global_batch_size: Optional[int] = None   # --global-batch-size; None: micro × dp
+    train_iters: Optional[int] = None         # --train-iters
+    train_samples: Optional[int] = None       # --train-samples (exclusive with --train-iters)
+    seed: int = 1234                          # --seed
+    bf16: bool = False                        # --bf16 (fp32 params + grads, bf16 autocast compute)
+    fp16: bool = False                        # --fp16 (fp32 params, fp16 autocast, dynamic loss scale)
+    loss_scale: Optional[float] = None        # --loss-scale (static; None: dynamic with --fp16)
+    initial_loss_scale: float = 2.0 ** 32     # --initial-loss-scale
+    min_loss_scale: float = 1.0               # --min-loss-scale
+    loss_scale_window: int = 1000             # --loss-scale-window
+    hysteresis: int = 2                       # --hysteresis
+    recompute_granularity: Optional[str] = None  # --recompute-granularity {full,selective}
+    recompute_method: Optional[str] = None    # --recompute-method {uniform,block}
+    recompute_num_layers: Optional[int] = None  # --recompute-num-layers
+    overlap_grad_reduce: bool = True          # --no-overlap-grad-reduce turns it off
+    ddp_bucket_size_mb: float = 25.0          # --ddp-bucket-size-mb (fp32 gradient bucket size)
+    eval_interval: int = 1000                 # --eval-interval
+    eval_iters: int = 100                     # --eval-iters (0 disables validation)
+    save: Optional[str] = None                # --save
+    load: Optional[str] = None                # --load
+    save_interval: Optional[int] = None       # --save-interval
+    no_load_optim: bool = False               # --no-load-optim
+    no_load_rng: bool = False                 # --no-load-rng
+    finetune: bool = False                    # --finetune (load weights only, iteration restarts at 0)
+    exit_signal_handler: bool = False         # --exit-signal-handler (SIGTERM: save and exit 0)
+    exit_duration_in_mins: Optional[float] = None  # --exit-duration-in-mins
+    exit_interval: Optional[int] = None       # --exit-interval (stop when iteration % N == 0)
+    max_nan_skips: int = 10                   # --max-nan-skips (consecutive NaN/Inf steps before stopping)
+    peak_flops: Optional[float] = None        # --peak-flops (TFLOP/s per device, for MFU)
+    deterministic: bool = False               # --deterministic (torch.use_deterministic_algorithms)
+
+    def resolved_global_batch(self, dp: int) -> int:
+        return self.global_batch_size if self.global_batch_size is not None else self.micro_batch_size * dp
+
+    def num_micro_batches(self, dp: int) -> int:
+        return self.resolved_global_batch(dp) // (self.micro_batch_size * dp)
+
+    def resolved_train_iters(self, dp: int) -> int:
+        if self.train_iters is not None:
+            return self.train_iters
+        gbs = self.resolved_global_batch(dp)
+        return (self.train_samples + gbs - 1) // gbs
+
+    def validate(self, dp: int = 1) -> None:
+        if self.micro_batch_size <= 0:
+            raise ConfigError(f"--micro-batch-size must be positive, got {self.micro_batch_size}")
+        gbs = self.resolved_global_batch(dp)
+        if gbs <= 0 or gbs % (self.micro_batch_size * dp):
+            raise ConfigError(
+                f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+                f"{self.micro_batch_size} × data-parallel size {dp}; use a multiple of "
+                f"{self.micro_batch_size * dp}")
+        if (self.train_iters is None) == (self.train_samples is None):
+            raise ConfigError("give exactly one of --train-iters and --train-samples")
+        if self.train_iters is not None and self.train_iters < 0:
+            raise ConfigError(f"--train-iters must be >= 0, got {self.train_iters}")
+        if self.train_samples is not None and self.train_samples < 0:
+            raise ConfigError(f"--train-samples must be >= 0, got {self.train_samples}")
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 are exclusive; pick one")
+        if self.loss_scale is not None and self.loss_scale <= 0:
+            raise ConfigError(f"--loss-scale must be positive, got {self.loss_scale}")
+        if self.initial_loss_scale <= 0 or self.min_loss_scale <= 0:
+            raise ConfigError("--initial-loss-scale and --min-loss-scale must be positive")
+        if self.loss_scale_window <= 0 or self.hysteresis <= 0:
+            raise ConfigError("--loss-scale-window and --hysteresis must be positive")
+        if self.recompute_granularity not in (None,) + RECOMPUTE_GRANULARITIES:
+            raise ConfigError(f"--recompute-granularity {self.recompute_granularity!r} is unknown; "
+                              f"choose one of {', '.join(RECOMPUTE_GRANULARITIES)}")
+        if self.recompute_method not in (None,) + RECOMPUTE_METHODS:
+            raise ConfigError(f"--recompute-method {self.recompute_method!r} is unknown; "
+                              f"choose one of {', '.join(RECOMPUTE_METHODS)}")
+        if self.recompute_method is not None and self.recompute_granularity != "full":
+            raise ConfigError("--recompute-method needs --recompute-granularity full")
+        if self.recompute_num_layers is not None:
+            if self.recompute_method is None:
+                raise ConfigError("--recompute-num-layers needs --recompute-method uniform or block")
+            if self.recompute_num_layers <= 0:
+                raise ConfigError(f"--recompute-num-layers must be positive, got {self.recompute_num_layers}")
+        if self.ddp_bucket_size_mb <= 0:
+            raise ConfigError(f"--ddp-bucket-size-mb must be positive, got {self.ddp_bucket_size_mb}")
+        for name in ("eval_interval", "save_interval", "exit_interval"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{_flag(name)} must be positive, got {value}")
+        if self.eval_iters < 0:
+            raise ConfigError(f"--eval-iters must be >= 0, got {self.eval_iters}")
+        if self.save_interval is not None and self.save is None:
+            raise ConfigError("--save-interval needs --save DIR")
+        if (self.exit_signal_handler or self.exit_duration_in_mins) and self.save is None:
+            raise ConfigError("--exit-signal-handler and --exit-duration-in-mins save before exiting; "
+                              "give --save DIR")
+        if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
+            raise ConfigError(f"--exit-duration-in-mins must be positive, got {self.exit_duration_in_mins}")
+        if self.max_nan_skips < 1:
+            raise ConfigError(f"--max-nan-skips must be >= 1, got {self.max_nan_skips}")
+        if self.peak_flops is not None and self.peak_flops <= 0:
+            raise ConfigError(f"--peak-flops (TFLOP/s per device) must be positive, got {self.peak_flops}")
+
+
+@dataclass
+class LoggingConfig:
+    """What the loop reports and where (console on rank 0, TensorBoard)."""
+
+    log_interval: int = 100                   # --log-interval
+    tensorboard_dir: Optional[str] = None     # --tensorboard-dir
+    log_timers: bool = False                  # --timing-log (per-phase timers on the console line)
+    quiet: bool = False                       # --quiet (no console lines; history still recorded)
+
+    def validate(self) -> None:
+        if self.log_interval <= 0:
+            raise ConfigError(f"--log-interval must be positive, got {self.log_interval}")

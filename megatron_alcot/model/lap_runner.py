@@ -1,0 +1,224 @@
+"""The loop over laps (PP = 1), the latent-method registry, and ALCoT's readout and loss.
+
+    out = run_laps(model, tokens, labels=labels, loss_mask=loss_mask, halting="learned")
+
+A *latent method* is the per-method logic around the laps; it lives at ``model.latent`` (its
+parameters are ``latent.*``) and implements four hooks, called by this loop or by a pipeline
+schedule on the right stage::
+
+    lap = method.first_lap(model, tokens, position_ids)      # first stage: LapState of step 0
+    ctx = method.begin(model, lap, labels, loss_mask, ...)   # last stage: per-micro-batch accumulator
+    hidden, kv = model.run_lap(lap, past)                     # every stage, every lap
+    lap = method.end_lap(model, ctx, lap, hidden)             # last stage: next LapState or None
+    out = method.finish(model, ctx)                           # last stage: ModelOutput
+
+``method.reuse_kv`` says whether lap k sees the keys/values of laps < k (the 2-D mask) or only
+its own (plain causal, e.g. the loop baseline). ``end_lap`` receives the raw output of the last
+layer and applies ``model.decoder.final_layernorm`` itself when it wants it.
+
+Methods are looked up by ``ModelConfig.latent_method`` in ``METHOD_CLASSES`` (``"module:Class"``,
+imported lazily); a new method adds one line there and subclasses :class:`LatentMethod`.
+``vanilla`` is ALCoT with ℓmax = 0: the same code, so the two agree bit for bit.
+"""
+from __future__ import annotations
+
+import importlib
+from types import MappingProxyType
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from megatron_alcot.model.output import LapState, ModelOutput
+from megatron_alcot.model.router import Routers, check_halting, halting_step
+from megatron_alcot.parallel import state
+from megatron_alcot.parallel.tensor_parallel import mappings
+from megatron_alcot.parallel.tensor_parallel.cross_entropy import (chunked_target_prob,
+                                                                   vocab_parallel_cross_entropy)
+
+METHOD_CLASSES = MappingProxyType({
+    "vanilla": "megatron_alcot.model.lap_runner:ALCoTMethod",
+    "alcot": "megatron_alcot.model.lap_runner:ALCoTMethod",
+    "loop": "megatron_alcot.model.baselines.loop:LoopMethod",
+    "pause": "megatron_alcot.model.baselines.pause:PauseMethod",
+    "ponder": "megatron_alcot.model.baselines.ponder:PonderMethod",
+})
+
+
+def build_method(cfg, pre_process: bool = True, post_process: bool = True) -> "LatentMethod":
+    module, _, cls = METHOD_CLASSES[cfg.latent_method].partition(":")
+    return getattr(importlib.import_module(module), cls)(cfg, pre_process, post_process)
+
+
+class LatentMethod(nn.Module):
+    """Base of the per-method lap logic; see the module docstring for the hooks."""
+
+    reuse_kv = True
+
+    def __init__(self, cfg, pre_process: bool = True, post_process: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+
+    def first_lap(self, model, tokens: torch.Tensor, position_ids=None) -> LapState:
+        """Step 0: ``s·E[x]`` for every token, all active, reach 1."""
+        x = model.embedding(tokens)
+        if self.cfg.embed_scale != 1.0:
+            x = x * self.cfg.embed_scale
+        active = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+        reach = torch.ones(tokens.shape, dtype=torch.float32, device=tokens.device)
+        return LapState(x, active, reach, 0, position_ids)
+
+    def begin(self, model, lap: LapState, labels=None, loss_mask=None, **options):
+        raise NotImplementedError
+
+    def end_lap(self, model, ctx, lap: LapState, hidden: torch.Tensor) -> Optional[LapState]:
+        raise NotImplementedError
+
+    def finish(self, model, ctx) -> ModelOutput:
+        raise NotImplementedError
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def vocab_parallel_log_softmax(logits_parallel: torch.Tensor) -> torch.Tensor:
+    """log-softmax over the full (TP-split) vocabulary; differentiable."""
+    logits = logits_parallel.float()
+    with torch.no_grad():
+        m = logits.max(dim=-1, keepdim=True).values
+        if state.get_tensor_model_parallel_world_size() > 1:
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=state.get_tensor_model_parallel_group())
+    sum_exp = mappings.reduce_from_tensor_model_parallel_region((logits - m).exp().sum(-1, keepdim=True))
+    return logits - m - sum_exp.log()
+
+
+class ALCoTContext:
+    """Per-micro-batch accumulators of the last stage across laps."""
+
+    def __init__(self, lap: LapState, labels, loss_mask, halting, return_step_hidden, return_logits):
+        b, s = lap.active.shape
+        self.labels = labels
+        self.loss_mask = (loss_mask.float() if loss_mask is not None
+                          else torch.ones(b, s, device=lap.active.device))
+        self.halting = halting
+        self.return_step_hidden = return_step_hidden
+        self.return_logits = return_logits
+        self.readout = None                      # Σ e_k h_k (fp32), hidden readout
+        self.penalty = torch.zeros(b, s, device=lap.active.device)
+        self.hidden, self.exit, self.executed, self.g = [], [], [], []
+
+
+class ALCoTMethod(LatentMethod):
+    """Adaptive latent CoT (and vanilla = ℓmax 0): routers, halting, exit-mass readout, loss."""
+
+    def __init__(self, cfg, pre_process: bool = True, post_process: bool = True):
+        super().__init__(cfg, pre_process, post_process)
+        self.max_steps = cfg.num_latent_steps
+        if post_process and self.max_steps > 0:
+            self.routers = Routers(cfg.hidden_size, self.max_steps, cfg.latent_router_init_prob)
+
+    def begin(self, model, lap, labels=None, loss_mask=None, halting="learned",
+              return_step_hidden=False, return_logits=None, **unused):
+        check_halting(halting)
+        if return_logits is None:
+            return_logits = labels is None
+        return ALCoTContext(lap, labels, loss_mask, halting, return_step_hidden, return_logits)
+
+    def end_lap(self, model, ctx: ALCoTContext, lap: LapState, hidden: torch.Tensor):
+        cfg, k = self.cfg, lap.step
+        h = model.decoder.final_layernorm(hidden)
+        ctx.executed.append(lap.active)
+        next_lap = None
+        if k < self.max_steps:
+            g = self.routers.continue_prob(k, h)
+            r_next, cont, exit_mass = halting_step(lap.reach, g, lap.active, cfg.latent_threshold,
+                                                   k, ctx.halting)
+            ctx.g.append(torch.where(lap.active, g, 0.0))
+            if ctx.labels is not None and cfg.latent_loss_weight > 0:
+                ctx.penalty = ctx.penalty + self._penalty(model, ctx, h, r_next, cont)
+            if bool(cont.any()):
+                next_lap = LapState(h, cont, r_next, k + 1, lap.position_ids)
+        else:
+            exit_mass = torch.where(lap.active, lap.reach, 0.0)
+        ctx.exit.append(exit_mass)
+        if cfg.latent_readout == "hidden":
+            term = exit_mass.unsqueeze(-1) * h.float()
+            ctx.readout = term if ctx.readout is None else ctx.readout + term
+        if cfg.latent_readout == "prob" or ctx.return_step_hidden:
+            ctx.hidden.append(h)
+        return next_lap
+
+    def _penalty(self, model, ctx, h, r_next, cont):
+        """``r_{t,k+1}·sg(p_{t,k}(y_t))^β`` where the token goes on to step k+1 (k < ℓ_t)."""
+        cfg = self.cfg
+        sel = cont & (ctx.loss_mask > 0)
+        p = torch.zeros_like(r_next)
+        if bool(sel.any()):
+            p[sel] = chunked_target_prob(h.detach()[sel], model.output_weight.detach(),
+                                         ctx.labels[sel], cfg.latent_prob_chunk)
+        return torch.where(sel, r_next * p.pow(cfg.latent_loss_beta), 0.0)
+
+    def finish(self, model, ctx: ALCoTContext) -> ModelOutput:
+        steps = self.max_steps + 1
+        b, s = ctx.loss_mask.shape
+        executed = torch.stack(ctx.executed + [torch.zeros_like(ctx.executed[0])] * (steps - len(ctx.executed)))
+        exit_mass = torch.stack(ctx.exit + [torch.zeros_like(ctx.exit[0])] * (steps - len(ctx.exit)), -1)
+        out = ModelOutput(
+            num_steps=executed[1:].sum(0).to(torch.int64),
+            exit_mass=exit_mass,
+            step_active=executed.sum((1, 2)).to(torch.int64),
+            step_executed=executed,
+            continue_prob=(torch.stack(ctx.g + [torch.zeros_like(ctx.g[0])] * (self.max_steps - len(ctx.g)), -1)
+                           if ctx.g else exit_mass.new_zeros(b, s, 0)),
+            step_hidden=ctx.hidden if ctx.return_step_hidden else None)
+        if self.cfg.latent_readout == "hidden":
+            logits = model.lm_head(ctx.readout)
+            if ctx.labels is not None:
+                out.per_token_loss = vocab_parallel_cross_entropy(logits, ctx.labels)
+        else:
+            log_e = [torch.where(ex, torch.log(torch.where(ex, e, 1.0)), float("-inf"))
+                     for ex, e in zip(ctx.executed, ctx.exit)]
+            step_logits = [model.lm_head(h) for h in ctx.hidden]
+            logits = None
+            if ctx.labels is not None:
+                logp = torch.stack([le - vocab_parallel_cross_entropy(lg, ctx.labels)
+                                    for le, lg in zip(log_e, step_logits)])
+                out.per_token_loss = -torch.logsumexp(logp, dim=0)
+            if ctx.return_logits:
+                # log of the mixture Σ_k e_k softmax(logits_k): its softmax is the mixture itself.
+                logits = torch.logsumexp(torch.stack(
+                    [le.unsqueeze(-1) + vocab_parallel_log_softmax(lg)
+                     for le, lg in zip(log_e, step_logits)]), dim=0)
+        if ctx.return_logits:
+            out.logits = logits
+        if ctx.labels is not None:
+            out.lm_loss = masked_mean(out.per_token_loss, ctx.loss_mask)
+            out.latent_loss = self.cfg.latent_loss_weight * masked_mean(ctx.penalty, ctx.loss_mask)
+            out.loss = out.lm_loss + out.latent_loss
+        return out
+
+
+def run_laps(model, tokens: torch.Tensor, labels=None, loss_mask=None, position_ids=None,
+             halting="learned", compact: bool = True, return_kv: bool = False, **options) -> ModelOutput:
+    """Every lap of one micro-batch on a single stage, one autograd graph (PP = 1).
+
+    ``halting``: "learned" | "never" | "always" | fn(step, reach_next, active) -> bool mask
+    (test hook). ``compact=False`` computes every token and masks instead of compacting.
+    ``options``: ``return_step_hidden``, ``return_logits`` (default: when ``labels`` is None).
+    """
+    method = model.latent
+    lap = method.first_lap(model, tokens, position_ids)
+    ctx = method.begin(model, lap, labels=labels, loss_mask=loss_mask, halting=halting, **options)
+    past = []
+    while lap is not None:
+        hidden, kv = model.run_lap(lap, past if method.reuse_kv else (), compact=compact)
+        if method.reuse_kv or return_kv:
+            past.append(kv)
+        lap = method.end_lap(model, ctx, lap, hidden)
+    out = method.finish(model, ctx)
+    if return_kv:
+        out.kv = past
+    return out

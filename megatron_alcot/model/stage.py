@@ -1,0 +1,155 @@
+"""A pipeline stage of the LLaMA model: a contiguous slice of layers, plus the embedding on the
+first stage and the final norm, LM head and latent-method parameters on the last stage.
+
+    stage = LlamaModel(cfg, parallel_cfg, pre_process=True, post_process=True)
+    lap = stage.latent.first_lap(stage, tokens)                  # first stage, step 0
+    hidden, kv = stage.run_lap(lap, past=[kv_0, ..., kv_{k-1}])   # one lap (step k) through my layers
+    logits = stage.lm_head(h)                                     # last stage, vocab-parallel
+
+``run_lap`` computes only the active tokens (compacted rows, see ``compaction.py``) and returns the
+full-shape hidden state (inactive tokens keep their input) and this lap's keys/values
+(``attention.StepKV``). It takes earlier laps' keys/values as explicit inputs, so a schedule can
+cut autograd at lap boundaries; with PP = 1 ``model(tokens, ...)`` runs every lap in one graph
+(``lap_runner.run_laps``).
+
+Sequence parallelism: the lap state stays replicated (full sequence); after compaction the rows
+are padded to a multiple of TP and split across TP ranks for the norms and residuals, and the
+column/row-parallel linears all-gather / reduce-scatter them. The layer norms' weight gradients
+are then partial per rank (``param.sequence_parallel``) and are summed over TP by the trainer.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_alcot.model.attention import LapContext, StepKV, attention_mask
+from megatron_alcot.model.compaction import Compaction
+from megatron_alcot.model.llama import RMSNorm, TransformerLayer, init_parameters, skip_init
+from megatron_alcot.model.output import LapState
+from megatron_alcot.model.rotary import RotaryEmbedding
+from megatron_alcot.parallel import state
+from megatron_alcot.parallel.tensor_parallel import mappings
+from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+
+
+class LanguageEmbedding(nn.Module):
+    """``word_embeddings`` (vocab-parallel); output replicated ``[b, s, h]``."""
+
+    def __init__(self, cfg, padded_vocab: int):
+        super().__init__()
+        self.dropout = cfg.hidden_dropout
+        self.word_embeddings = VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, init_method=skip_init,
+            params_dtype=getattr(torch, cfg.params_dtype))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(tokens)
+        return F.dropout(x, self.dropout) if self.dropout > 0 and self.training else x
+
+
+class TransformerBlock(nn.Module):
+    """``layers`` keyed by their GLOBAL index (state-dict names do not depend on PP) and, on the
+    last stage, ``final_layernorm``."""
+
+    def __init__(self, cfg, layer_range: Tuple[int, int], post_process: bool, sequence_parallel: bool):
+        super().__init__()
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, sequence_parallel)
+                                     for i in range(*layer_range)})
+        if post_process:
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon,
+                                           getattr(torch, cfg.params_dtype))
+
+
+class LlamaModel(nn.Module):
+    """One pipeline stage (with PP = 1 the whole model); ``forward`` runs every lap."""
+
+    def __init__(self, cfg, parallel_cfg=None, pre_process: bool = True, post_process: bool = True,
+                 layer_range: Optional[Tuple[int, int]] = None, seed: int = 1234):
+        super().__init__()
+        from megatron_alcot.model.lap_runner import build_method
+        self.config = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.tp = state.get_tensor_model_parallel_world_size()
+        self.sequence_parallel = bool(parallel_cfg is not None and parallel_cfg.sequence_parallel
+                                      and self.tp > 1)
+        self.layer_range = tuple(layer_range) if layer_range is not None else (0, cfg.num_layers)
+        self.padded_vocab_size = cfg.padded_vocab_size(self.tp)
+        if pre_process:
+            self.embedding = LanguageEmbedding(cfg, self.padded_vocab_size)
+        self.decoder = TransformerBlock(cfg, self.layer_range, post_process, self.sequence_parallel)
+        if post_process and (cfg.untie_embeddings_and_output_weights or not pre_process):
+            self.output_layer = ColumnParallelLinear(
+                cfg.hidden_size, self.padded_vocab_size, bias=False, gather_output=False,
+                init_method=skip_init, params_dtype=getattr(torch, cfg.params_dtype))
+            if not cfg.untie_embeddings_and_output_weights:
+                # Tied weights split over stages: this copy starts equal to the embedding and its
+                # gradient must be summed with the first stage's (the embedding group).
+                self.output_layer.weight.shared_embedding = True
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
+        self.latent = build_method(cfg, pre_process, post_process)
+        init_parameters(self, cfg, seed)
+
+    # --- last stage ---------------------------------------------------------------------------
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[V_padded/tp, h]`` LM-head weight (the embedding when tied)."""
+        if hasattr(self, "output_layer"):
+            return self.output_layer.weight
+        return self.embedding.word_embeddings.weight
+
+    def lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """Replicated ``[..., h]`` -> vocab-parallel logits ``[..., V_padded/tp]``."""
+        w = self.output_weight
+        return F.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w)
+
+    # --- one lap ------------------------------------------------------------------------------
+    def run_lap(self, lap: LapState, past: Sequence[StepKV] = (),
+                compact: bool = True) -> Tuple[torch.Tensor, StepKV]:
+        """Step ``lap.step`` of the active tokens through this stage's layers.
+
+        ``past``: this stage's StepKV of the laps whose keys the lap may see (steps < k for
+        ALCoT). Returns (hidden ``[b, s, h]``, this lap's StepKV). ``compact=False`` computes every
+        token and masks (the reference for compaction).
+        """
+        comp = Compaction.build(lap.active, compact)
+        layers = list(self.decoder.layers.values())
+        if comp.n == 0:
+            empty = lap.hidden.new_zeros(comp.batch, 0, 0, 0)
+            return lap.hidden, StepKV(comp.order, comp.valid, [empty] * len(layers), [empty] * len(layers))
+        b, s = lap.active.shape
+        positions = lap.position_ids
+        if positions is None:
+            positions = torch.arange(s, device=lap.hidden.device).expand(b, s)
+        cos, sin = self.rotary(comp.gather(positions))
+        mask = None
+        if past or not comp.all_executed:
+            mask = attention_mask(comp.order, comp.valid, [p.order for p in past] + [comp.order],
+                                  [p.valid for p in past] + [comp.valid])
+        rows = comp.gather(lap.hidden)
+        padded_rows = comp.n
+        if self.sequence_parallel:
+            padded_rows = -(-comp.n // self.tp) * self.tp
+            rows = mappings.scatter_to_sequence_parallel_region(
+                F.pad(rows, (0, 0, 0, padded_rows - comp.n)), 0)
+        ctx = LapContext(comp, cos, sin, mask, padded_rows)
+        keys, values = [], []
+        for i, layer in enumerate(layers):
+            rows, k, v = layer(rows, ctx, [p.keys[i] for p in past], [p.values[i] for p in past])
+            keys.append(k)
+            values.append(v)
+        if self.sequence_parallel:
+            rows = mappings.gather_from_sequence_parallel_region(rows, 0, False)[: comp.n]
+        return comp.scatter(lap.hidden, rows), StepKV(comp.order, comp.valid, keys, values)
+
+    # --- PP = 1 convenience ---------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None, **kwargs):
+        """All laps, one graph: see :func:`megatron_alcot.model.lap_runner.run_laps`."""
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("model(tokens) needs the whole model on one stage; with pipeline "
+                               "parallelism the lap schedule drives run_lap on each stage")
+        from megatron_alcot.model.lap_runner import run_laps
+        return run_laps(self, tokens, labels=labels, loss_mask=loss_mask, **kwargs)
