@@ -158,7 +158,8 @@ class ALCoTMethod(LatentMethod):
         p = torch.zeros_like(r_next)
         if bool(sel.any()):
             p[sel] = chunked_target_prob(h.detach()[sel], model.output_weight.detach(),
-                                         ctx.labels[sel], cfg.latent_prob_chunk)
+                                         ctx.labels[sel], cfg.latent_prob_chunk,
+                                         vocab_size=cfg.vocab_size)
         return torch.where(sel, r_next * p.pow(cfg.latent_loss_beta), 0.0)
 
     def finish(self, model, ctx: ALCoTContext) -> ModelOutput:

@@ -32,6 +32,7 @@ from megatron_alcot.model.output import LapState
 from megatron_alcot.model.rotary import RotaryEmbedding
 from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel import mappings
+from megatron_alcot.parallel.tensor_parallel.cross_entropy import mask_padded_vocab
 from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 
 
@@ -101,9 +102,11 @@ class LlamaModel(nn.Module):
         return self.embedding.word_embeddings.weight
 
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """Replicated ``[..., h]`` -> vocab-parallel logits ``[..., V_padded/tp]``."""
+        """Replicated ``[..., h]`` -> vocab-parallel logits ``[..., V_padded/tp]``; the columns of
+        vocabulary padding hold ``PADDED_LOGIT`` so they take no probability mass."""
         w = self.output_weight
-        return F.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w)
+        logits = F.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w)
+        return mask_padded_vocab(logits, self.config.vocab_size)
 
     # --- one lap ------------------------------------------------------------------------------
     def run_lap(self, lap: LapState, past: Sequence[StepKV] = (),

@@ -104,7 +104,8 @@ def vocab_parallel_target_prob(logits_parallel: torch.Tensor, target: torch.Tens
 
 @torch.no_grad()
 def chunked_target_logprob(hidden: torch.Tensor, weight_parallel: torch.Tensor, target: torch.Tensor,
-                           chunk_rows: int = 4096, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+                           chunk_rows: int = 4096, chunk_vocab: Optional[int] = None,
+                           vocab_size: Optional[int] = None) -> torch.Tensor:
     """``log p(target)`` for ``logits = hidden @ weight_parallel.T`` without materialising them.
 
     ``hidden [n, h]`` (or ``[..., h]``, flattened) must be identical on every TP rank,
@@ -112,6 +113,8 @@ def chunked_target_logprob(hidden: torch.Tensor, weight_parallel: torch.Tensor, 
     Rows are processed ``chunk_rows`` at a time, and within a row chunk the local vocabulary
     ``chunk_vocab`` rows at a time with a running max / sum-exp, so peak extra memory is
     ``chunk_rows x min(chunk_vocab, V/tp)`` fp32. Three small all-reduces per row chunk.
+    ``vocab_size`` (the true vocabulary) excludes the padding rows of the weight from the
+    normaliser, exactly as :data:`PADDED_LOGIT` does in the model's LM head.
     Returns fp32 ``[n]`` (shaped like ``target``).
     """
     shape = target.shape
@@ -132,6 +135,8 @@ def chunked_target_logprob(hidden: torch.Tensor, weight_parallel: torch.Tensor, 
         lt, out_mask = local_target[r0:r0 + rows], outside[r0:r0 + rows]
         for v0 in range(0, per_partition, chunk_vocab):
             logits = (h @ weight_parallel[v0:v0 + chunk_vocab].t()).float()
+            if vocab_size is not None:
+                logits = mask_padded_vocab(logits, vocab_size, per_partition, v0)
             new_max = torch.maximum(run_max, logits.max(dim=-1).values)
             run_sum = run_sum * (run_max - new_max).exp() + (logits - new_max.unsqueeze(-1)).exp().sum(-1)
             run_max = new_max
@@ -146,6 +151,32 @@ def chunked_target_logprob(hidden: torch.Tensor, weight_parallel: torch.Tensor, 
 
 @torch.no_grad()
 def chunked_target_prob(hidden: torch.Tensor, weight_parallel: torch.Tensor, target: torch.Tensor,
-                        chunk_rows: int = 4096, chunk_vocab: Optional[int] = None) -> torch.Tensor:
+                        chunk_rows: int = 4096, chunk_vocab: Optional[int] = None,
+                        vocab_size: Optional[int] = None) -> torch.Tensor:
     """``p(target)`` fp32 ``[n]``; see :func:`chunked_target_logprob`."""
-    return chunked_target_logprob(hidden, weight_parallel, target, chunk_rows, chunk_vocab).exp()
+    return chunked_target_logprob(hidden, weight_parallel, target, chunk_rows, chunk_vocab,
+                                  vocab_size).exp()
+
+
+# Finite rather than -inf: a TP rank whose slice is all padding must not produce inf - inf.
+PADDED_LOGIT = -30000.0
+
+
+def mask_padded_vocab(logits_parallel: torch.Tensor, vocab_size: int,
+                      per_partition: Optional[int] = None, offset: int = 0) -> torch.Tensor:
+    """Set the logits of vocabulary-padding columns (global id >= ``vocab_size``) to
+    :data:`PADDED_LOGIT`, so the padding (whose size depends on the TP size) takes no softmax mass
+    and a model gives the same probabilities at any TP size and after export without padding.
+
+    ``logits_parallel [..., c]`` holds this rank's columns ``offset .. offset+c`` of its
+    ``per_partition``-wide slice (default: the whole slice). Returns the input when no column is
+    padding.
+    """
+    cols = logits_parallel.shape[-1]
+    per_partition = per_partition or cols
+    start, _ = vocab_range(per_partition, state.get_tensor_model_parallel_rank())
+    first_pad = vocab_size - start - offset
+    if first_pad >= cols:
+        return logits_parallel
+    pad = torch.arange(cols, device=logits_parallel.device) >= max(first_pad, 0)
+    return logits_parallel.masked_fill(pad, PADDED_LOGIT)
