@@ -21,7 +21,7 @@ setup(
         "psutil>=5.9",
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14",
+        "test": ["pytest>=8", "scipy>=1.10", "matplotlib>=3.7", "tensorboard>=2.14", "megatron-core==0.16.1",
                  "megatron-core==0.16.1"],  # reference reader for the .bin/.idx oracle tests
         "hf": ["transformers>=4.45", "safetensors>=0.4", "protobuf>=4"],
         "eval": ["lm-eval>=0.4.5", "accelerate>=0.30"],

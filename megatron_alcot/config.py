@@ -237,6 +237,7 @@ class DataConfig:
     eod_mask_loss: bool = False                         # --eod-mask-loss
     num_workers: int = 2                                # --num-workers (DataLoader workers)
     mmap_bin_files: bool = True                         # --no-mmap-bin-files turns it off
+    mid_level_dataset_surplus: float = 0.005            # --mid-level-dataset-surplus (blend components)
 
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
