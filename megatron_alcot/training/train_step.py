@@ -1,0 +1,146 @@
+"""One training iteration: forward-backward over the micro-batches, gradient sync, optimizer step.
+
+    ctx = StepContext(model=ddp, optimizer=opt, scheduler=sched, model_cfg=cfg, num_microbatches=8,
+                      autocast_dtype=torch.bfloat16, device=device, flops_meter=meter)
+    stats = train_step(ctx, data_iterator)
+    stats.loss, stats.updated, stats.nan_skip, stats.grad_norm, stats.depth_counts
+
+Statistics of all micro-batches and data-parallel ranks travel in one small all-reduce, so every
+rank sees the same mean loss. A non-finite loss or gradient norm skips the update (parameters,
+Adam state and LR schedule untouched); ``nan_skip`` says so. Under ``--fp16`` an overflowing
+gradient is the loss scaler's business (scale backs off, step skipped) and is not a NaN skip.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_alcot.parallel import state
+from megatron_alcot.training.schedules import get_forward_backward_func
+
+
+@dataclass
+class StepContext:
+    model: torch.nn.Module                  # DistributedDataParallel-wrapped model
+    optimizer: object                       # optim.MegatronOptimizer
+    scheduler: object                       # optim.OptimizerParamScheduler
+    model_cfg: object
+    num_microbatches: int
+    device: torch.device
+    flops_meter: object = None
+    autocast_dtype: Optional[torch.dtype] = None
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class StepStats:
+    loss: float
+    lm_loss: float
+    latent_loss: float
+    tokens: int                             # tokens processed in this global batch (all DP ranks)
+    flops: float                            # training FLOPs executed (all DP ranks)
+    depth_counts: List[float]               # tokens whose ℓ_t == k, k = 0..ℓmax (all DP ranks)
+    grad_norm: float = float("nan")
+    updated: bool = False
+    nan_skip: bool = False
+    lr: float = 0.0
+    loss_scale: Optional[float] = None
+
+    @property
+    def mean_latent_steps(self) -> float:
+        total = sum(self.depth_counts)
+        return sum(k * c for k, c in enumerate(self.depth_counts)) / total if total else 0.0
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def batch_to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def make_forward_step(model_cfg, device: torch.device, autocast_dtype, flops_meter=None) -> Callable:
+    """``forward_step(batch, model) -> (loss, info)`` with detached statistics in ``info``."""
+    max_depth = model_cfg.num_latent_steps
+
+    def forward_step(batch, model):
+        batch = batch_to_device(batch, device)
+        with autocast_context(device, autocast_dtype):
+            out = model(batch["tokens"], labels=batch["labels"], loss_mask=batch.get("loss_mask"))
+        num_steps = out.num_steps if out.num_steps is not None else \
+            torch.zeros_like(batch["tokens"])
+        depth = torch.bincount(num_steps.reshape(-1).long().cpu(), minlength=max_depth + 1)
+        flops = flops_meter.micro_batch_flops(num_steps.cpu()) if flops_meter is not None else 0.0
+        latent = out.latent_loss if out.latent_loss is not None else torch.zeros(())
+        info = torch.cat([
+            torch.stack([out.loss.detach().float().cpu(), out.lm_loss.detach().float().cpu(),
+                         latent.detach().float().cpu().reshape(())]).double(),
+            torch.tensor([1.0, float(batch["tokens"].numel()), float(flops)], dtype=torch.float64),
+            depth[: max_depth + 1].double(),
+        ])
+        return out.loss, info
+
+    return forward_step
+
+
+def reduce_stats(infos: List[torch.Tensor]) -> torch.Tensor:
+    """Sum the per-micro-batch statistics and all-reduce them over the data-parallel group."""
+    total = torch.stack(infos).sum(0)
+    if dist.is_available() and dist.is_initialized() and state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=state.get_data_parallel_group())
+    return total
+
+
+def unpack_stats(total: torch.Tensor) -> StepStats:
+    n = max(float(total[3]), 1.0)
+    return StepStats(loss=float(total[0]) / n, lm_loss=float(total[1]) / n,
+                     latent_loss=float(total[2]) / n, tokens=int(total[4]), flops=float(total[5]),
+                     depth_counts=[float(x) for x in total[6:]])
+
+
+def _reduce_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # NCCL needs device tensors; gloo takes CPU ones.
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return t.to(device)
+    return t
+
+
+def train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Optional[Callable] = None) -> StepStats:
+    model, optimizer = ctx.model, ctx.optimizer
+    forward_step = forward_step or make_forward_step(ctx.model_cfg, ctx.device, ctx.autocast_dtype,
+                                                     ctx.flops_meter)
+    if hasattr(model, "zero_grad_buffer"):
+        model.zero_grad_buffer()
+    else:
+        model.zero_grad(set_to_none=False)
+    fb = get_forward_backward_func(ctx.pipeline_model_parallel_size)
+    infos = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+               num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss)
+    if hasattr(model, "finish_grad_sync"):
+        model.finish_grad_sync()
+    total = reduce_stats([_reduce_device(i, ctx.device) for i in infos]).cpu()
+    stats = unpack_stats(total)
+    stats.lr = optimizer.param_groups[0]["lr"]
+    loss_finite = math.isfinite(stats.loss)
+    if not loss_finite:
+        # Same decision on every rank: the loss was reduced over DP and TP ranks compute it alike.
+        if optimizer.grad_scaler is not None:
+            optimizer.grad_scaler.update(True)
+        stats.updated, stats.nan_skip = False, True
+    else:
+        result = optimizer.step()
+        stats.grad_norm, stats.updated = result.grad_norm, result.updated
+        stats.nan_skip = result.found_inf and optimizer.grad_scaler is None
+        if result.updated:
+            ctx.scheduler.step()
+    if optimizer.grad_scaler is not None:
+        stats.loss_scale = optimizer.grad_scaler.scale
+    return stats
