@@ -12,6 +12,7 @@ naming the flag and saying how to fix it.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
@@ -196,6 +197,7 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1       # --tensor-model-parallel-size
     pipeline_model_parallel_size: int = 1     # --pipeline-model-parallel-size
+    pipeline_layer_split: Optional[str] = None  # --pipeline-layer-split "3,5": layers per stage (None: even)
     sequence_parallel: bool = False           # --sequence-parallel
     use_distributed_optimizer: bool = False   # --use-distributed-optimizer (ZeRO-1/2)
     distributed_backend: str = "auto"         # --distributed-backend {auto,gloo,nccl}
@@ -213,6 +215,26 @@ class ParallelConfig:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.distributed_backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"--distributed-backend {self.distributed_backend!r}: use auto, gloo or nccl")
+
+    def validate_layer_split(self, num_layers: int) -> None:
+        """``--pipeline-layer-split``: one count >= 1 per stage, summing to ``--num-layers``.
+
+            >>> ParallelConfig(pipeline_model_parallel_size=2, pipeline_layer_split="3,5").validate_layer_split(8)
+        """
+        if self.pipeline_layer_split is None:
+            return
+        split, pp = self.pipeline_layer_split, self.pipeline_model_parallel_size
+        try:
+            counts = [int(x) for x in split.replace(" ", "").split(",")]
+        except ValueError:
+            raise ConfigError(f"--pipeline-layer-split {split!r}: give one layer count per stage, "
+                              "comma-separated, e.g. 3,5") from None
+        if len(counts) != pp:
+            raise ConfigError(f"--pipeline-layer-split {split} has {len(counts)} entries; give one per "
+                              f"stage (--pipeline-model-parallel-size {pp})")
+        if min(counts) < 1 or sum(counts) != num_layers:
+            raise ConfigError(f"--pipeline-layer-split {split}: every stage needs >= 1 layer and the "
+                              f"counts must sum to --num-layers {num_layers}")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
@@ -419,13 +441,17 @@ class TrainConfig:
 
 @dataclass
 class LoggingConfig:
-    """What the loop reports and where (console on rank 0, TensorBoard)."""
+    """What the loop reports and where (console on rank 0, TensorBoard, a JSON-lines metrics file)."""
 
     log_interval: int = 100                   # --log-interval
     tensorboard_dir: Optional[str] = None     # --tensorboard-dir
+    metrics_file: Optional[str] = None        # --metrics-file (JSON lines, one per logged iteration / evaluation)
     log_timers: bool = False                  # --timing-log (per-phase timers on the console line)
     quiet: bool = False                       # --quiet (no console lines; history still recorded)
 
     def validate(self) -> None:
         if self.log_interval <= 0:
             raise ConfigError(f"--log-interval must be positive, got {self.log_interval}")
+        if self.metrics_file is not None and os.path.isdir(self.metrics_file):
+            raise ConfigError(f"--metrics-file {self.metrics_file} is a directory; give a file path "
+                              "(e.g. logs/metrics.jsonl)")

@@ -27,15 +27,13 @@ from types import MappingProxyType
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from megatron_alcot.model.output import LapState, ModelOutput
 from megatron_alcot.model.router import Routers, check_halting, halting_step
-from megatron_alcot.parallel import state
-from megatron_alcot.parallel.tensor_parallel import mappings
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (chunked_target_prob,
-                                                                   vocab_parallel_cross_entropy)
+                                                                   vocab_parallel_cross_entropy,
+                                                                   vocab_parallel_log_softmax)
 
 METHOD_CLASSES = MappingProxyType({
     "vanilla": "megatron_alcot.model.lap_runner:ALCoTMethod",
@@ -82,17 +80,6 @@ class LatentMethod(nn.Module):
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-def vocab_parallel_log_softmax(logits_parallel: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the full (TP-split) vocabulary; differentiable."""
-    logits = logits_parallel.float()
-    with torch.no_grad():
-        m = logits.max(dim=-1, keepdim=True).values
-        if state.get_tensor_model_parallel_world_size() > 1:
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=state.get_tensor_model_parallel_group())
-    sum_exp = mappings.reduce_from_tensor_model_parallel_region((logits - m).exp().sum(-1, keepdim=True))
-    return logits - m - sum_exp.log()
 
 
 class ALCoTContext:

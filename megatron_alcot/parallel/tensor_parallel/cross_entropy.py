@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_alcot.parallel import state
+from megatron_alcot.parallel.tensor_parallel import mappings
 from megatron_alcot.parallel.tensor_parallel.utils import vocab_range
 
 
@@ -156,6 +157,17 @@ def chunked_target_prob(hidden: torch.Tensor, weight_parallel: torch.Tensor, tar
     """``p(target)`` fp32 ``[n]``; see :func:`chunked_target_logprob`."""
     return chunked_target_logprob(hidden, weight_parallel, target, chunk_rows, chunk_vocab,
                                   vocab_size).exp()
+
+
+def vocab_parallel_log_softmax(logits_parallel: torch.Tensor) -> torch.Tensor:
+    """This rank's slice ``[..., V/tp]`` of the log-softmax over the full vocabulary (fp32,
+    differentiable: the normaliser's gradient reaches every rank's slice)."""
+    logits = logits_parallel.float()
+    with torch.no_grad():
+        m = _global_max(logits).unsqueeze(-1)
+    sum_exp = mappings.reduce_from_tensor_model_parallel_region(
+        mappings.copy_to_tensor_model_parallel_region((logits - m).exp().sum(-1, keepdim=True)))
+    return logits - m - sum_exp.log()
 
 
 # Finite rather than -inf: a TP rank whose slice is all padding must not produce inf - inf.
