@@ -21,7 +21,7 @@ from typing import Iterator, List
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_alcot.data._atomic import atomic_output  # noqa: E402
+from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 from megatron_alcot.data._chunk_encoder import BadLine, parse_line  # noqa: E402
 from megatron_alcot.data._jsonl_chunks import InputError, expand_inputs, iter_chunks  # noqa: E402
 

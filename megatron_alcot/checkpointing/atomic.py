@@ -12,21 +12,9 @@ import os
 import shutil
 from typing import Callable
 
+from megatron_alcot.utils.atomic import atomic_output, fsync_dir
+
 TMP_SUFFIX = ".tmp"
-
-
-def fsync_dir(directory: str) -> None:
-    """Make renames and creations inside ``directory`` durable (no-op where unsupported)."""
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_file_synced(path: str, write: Callable) -> int:
@@ -39,14 +27,9 @@ def write_file_synced(path: str, write: Callable) -> int:
 
 
 def replace_text(path: str, text: str) -> None:
-    """Atomically replace a small text file: write ``path.tmp``, fsync, rename over ``path``."""
-    tmp = f"{path}{TMP_SUFFIX}.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    """Atomically replace a small text file: write a temporary file, fsync, rename over ``path``."""
+    with atomic_output(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def commit_directory(tmp_dir: str, final_dir: str) -> None:

@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Iterator, List
 
-from megatron_alcot.data._atomic import atomic_output
+from megatron_alcot.utils.atomic import atomic_output
 
 # Never imported: GUIs, modules that print/open a browser/write files on import, the test suite,
 # modules whose import depends on the environment (distutils may be replaced by setuptools).

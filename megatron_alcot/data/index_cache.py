@@ -29,7 +29,7 @@ import numpy
 import torch
 
 from megatron_alcot.config import ConfigError
-from megatron_alcot.data._atomic import commit, remove_quietly, temp_path_for
+from megatron_alcot.utils.atomic import commit, remove_quietly, temp_path_for
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy
 
-from megatron_alcot.data._atomic import commit, fsync_path, remove_quietly, temp_path_for
+from megatron_alcot.utils.atomic import commit, fsync_path, remove_quietly, temp_path_for
 from megatron_alcot.data._spill_array import SpillArray
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
