@@ -11,6 +11,7 @@ TOKENIZER_TYPE=${TOKENIZER_TYPE:-HuggingFaceTokenizer}
 TOKENIZER_MODEL=${TOKENIZER_MODEL:-EleutherAI/pythia-410m}
 CKPT_DIR=${CKPT_DIR:-checkpoints/$RUN_NAME}
 TB_DIR=${TB_DIR:-tensorboard/$RUN_NAME}
+METRICS_FILE=${METRICS_FILE:-logs/${RUN_NAME}_metrics.jsonl}
 LATENT_METHOD=${LATENT_METHOD:-alcot}
 LATENT_MAX_STEPS=${LATENT_MAX_STEPS:-3}
 PEAK_FLOPS=${PEAK_FLOPS:-989}            # TFLOP/s per GPU for MFU (H100 SXM dense bf16)
@@ -28,6 +29,7 @@ COMMON_ARGS=(
     --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "$TOKENIZER_MODEL"
     --save "$CKPT_DIR" --load "$CKPT_DIR" --save-interval 1000
     --eval-interval 1000 --eval-iters 50 --log-interval 10 --tensorboard-dir "$TB_DIR"
+    --metrics-file "$METRICS_FILE"
     --exit-signal-handler --max-nan-skips 10 --peak-flops "$PEAK_FLOPS"
     --latent-method "$LATENT_METHOD" --latent-max-steps "$LATENT_MAX_STEPS"
     --latent-threshold 0.1 --latent-router-init-prob 0.9 --latent-loss-weight 0.03 --latent-loss-beta 1

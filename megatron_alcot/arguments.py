@@ -120,6 +120,7 @@ def _specs():
         # --- parallelism ---
         ("--tensor-model-parallel-size", p, "tensor_model_parallel_size", dict(type=int)),
         ("--pipeline-model-parallel-size", p, "pipeline_model_parallel_size", dict(type=int)),
+        ("--pipeline-layer-split", p, "pipeline_layer_split", dict()),
         ("--sequence-parallel", p, "sequence_parallel", dict(action="store_true", default=None)),
         ("--use-distributed-optimizer", p, "use_distributed_optimizer",
          dict(action="store_true", default=None)),
@@ -197,6 +198,7 @@ def _specs():
         # --- logging ---
         ("--log-interval", lg, "log_interval", dict(type=int)),
         ("--tensorboard-dir", lg, "tensorboard_dir", dict()),
+        ("--metrics-file", lg, "metrics_file", dict()),
         ("--timing-log", lg, "log_timers", dict(action="store_true", default=None)),
         ("--quiet", lg, "quiet", dict(action="store_true", default=None)),
     ]
@@ -258,23 +260,19 @@ def _apply_compat(args: Arguments) -> None:
 
 
 def world_size_from_env() -> int:
-    """World size announced by the launcher (torchrun, Slurm, Open MPI); 1 when run directly."""
-    for var in ("WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        if os.environ.get(var):
-            return int(os.environ[var])
-    return 1
+    """World size announced by the launcher (torchrun, Slurm ``srun``, Open MPI, MPICH / Intel MPI);
+    1 when run directly. Same rules as ``parallel.launch.discover`` (``LaunchError`` in an sbatch
+    shell outside ``srun``)."""
+    from megatron_alcot.parallel.launch import discover
+    return discover().world_size
 
 
 def validate_args(args: Arguments, world_size: int) -> None:
     """Check the whole configuration before any compute; raise ConfigError naming the flag."""
     par = args.parallel
     par.validate(world_size)
-    if par.pipeline_model_parallel_size > 1:
-        raise ConfigError(
-            f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size}: pipeline parallelism "
-            "is not implemented yet in the training loop; use tensor and data parallelism "
-            "(--tensor-model-parallel-size, more processes) with --pipeline-model-parallel-size 1")
     args.model.validate(par)
+    par.validate_layer_split(args.model.num_layers)
     dp = par.data_parallel_size(world_size)
     args.train.validate(dp)
     args.optim.validate(args.train.resolved_train_iters(dp))

@@ -5,12 +5,14 @@
 
 A parameter that every TP rank holds in full (norm weights, routers, anything without the
 ``tensor_model_parallel`` attribute) is counted on TP rank 0 only, so the norm equals the norm of
-the single-process model. Gradients already averaged over data-parallel ranks are identical there
+the single-process model. With PP > 1 and tied embeddings the last stage's LM-head copy
+(``shared_embedding``) holds the same summed gradient as the first stage's embedding and is left out,
+so the tied weight counts once. Gradients already averaged over data-parallel ranks are identical there
 and need no reduction over DP; a DP-sharded optimizer passes its DP group in ``extra_groups``.
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,8 @@ from megatron_alcot.parallel import state
 
 
 def _counted_here(param: torch.nn.Parameter) -> bool:
+    if getattr(param, "shared_embedding", False):
+        return False     # the last stage's copy of the tied embedding; stage 0 counts it
     return bool(getattr(param, "tensor_model_parallel", False)) or \
         state.get_tensor_model_parallel_rank() == 0
 

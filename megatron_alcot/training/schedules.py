@@ -1,6 +1,6 @@
 """Forward-backward schedules over the micro-batches of one global batch (DESIGN §4).
 
-    fb = get_forward_backward_func(pipeline_model_parallel_size=1)
+    fb = get_forward_backward_func(pipeline_model_parallel_size=1)        # or PP > 1: the lap pipeline
     outputs = fb(forward_step_func=step, data_iterator=it, model=ddp_model, num_microbatches=8)
 
 ``forward_step_func(batch, model) -> (loss, info)``: ``loss`` is the micro-batch's scalar loss,
@@ -9,10 +9,14 @@ the number of micro-batches (so the accumulated gradient is that of the mean), a
 ``scale_loss`` (fp16 loss scaling) and runs backward; with a data-parallel wrapper every micro-batch
 but the last runs under ``model.no_sync()``, so the gradient all-reduce overlaps only the last
 backward. With ``forward_only=True`` no backward runs (evaluation).
+
+With PP > 1 the schedule is :func:`megatron_alcot.parallel.pipeline.forward_backward_pipelining_with_laps`
+(same call; only the last stage returns infos, the others ``[]``).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable, Iterator, List, Optional
 
 import torch
@@ -40,10 +44,11 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
     return outputs
 
 
-def get_forward_backward_func(pipeline_model_parallel_size: int = 1) -> Callable:
-    """The schedule for this layout; pipeline schedules with latent laps are not implemented yet."""
+def get_forward_backward_func(pipeline_model_parallel_size: int = 1,
+                              autocast_dtype: Optional[torch.dtype] = None) -> Callable:
+    """The schedule for this layout. ``autocast_dtype`` reaches the pipeline schedule, which runs
+    the laps itself (with PP = 1 the step function applies autocast)."""
     if pipeline_model_parallel_size > 1:
-        raise NotImplementedError(
-            "pipeline parallelism (--pipeline-model-parallel-size > 1) has no training schedule yet; "
-            "use tensor and data parallelism")
+        from megatron_alcot.parallel.pipeline import forward_backward_pipelining_with_laps
+        return functools.partial(forward_backward_pipelining_with_laps, autocast_dtype=autocast_dtype)
     return forward_backward_no_pipelining

@@ -19,6 +19,7 @@ resume from ``--load``, then run ``train_step`` until ``--train-iters``, logging
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import random
 import time
@@ -70,6 +71,9 @@ def _seed_everything(seed: int) -> None:
 
 
 def _build_model(args: Arguments) -> torch.nn.Module:
+    if args.parallel.pipeline_model_parallel_size > 1:
+        from megatron_alcot.parallel.pipeline import build_pipeline_stage
+        return build_pipeline_stage(args.model, args.parallel, seed=args.train.seed)
     from megatron_alcot.model import build_model
     params = inspect.signature(build_model).parameters
     kwargs = {}
@@ -179,15 +183,20 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     ddp.zero_grad_buffer()
 
     train_it, make_valid = _iterators(args, tokenizer, train_iters, consumed, dp_rank, dp)
+    pp = args.parallel.pipeline_model_parallel_size
+    if not _stage_reads_data(pp):
+        train_it = None
     meter = FlopsMeter(args.model, tp=args.parallel.tensor_model_parallel_size)
     autocast_dtype = _autocast_dtype(args)
     forward_step = make_forward_step(args.model, device, autocast_dtype, meter)
     ctx = StepContext(model=ddp, optimizer=optimizer, scheduler=scheduler, model_cfg=args.model,
                       num_microbatches=num_micro, device=device, flops_meter=meter,
-                      autocast_dtype=autocast_dtype)
+                      autocast_dtype=autocast_dtype, pipeline_model_parallel_size=pp)
+    run_eval = functools.partial(_evaluate, ddp, make_valid, t, num_micro, forward_step, logger=logger,
+                                 pp=pp, autocast_dtype=autocast_dtype)
     logger.print(f"training {train_iters} iterations from iteration {iteration}: global batch {gbs} "
                  f"({num_micro} micro-batches of {t.micro_batch_size} × dp {dp}), world {world}, "
-                 f"tp {args.parallel.tensor_model_parallel_size}, "
+                 f"tp {args.parallel.tensor_model_parallel_size}, pp {pp}, "
                  f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
                  f"latent {args.model.latent_method} ℓmax {args.model.num_latent_steps}")
 
@@ -228,8 +237,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                 logger.log_train(window.record(iteration, train_iters, consumed, stats, world, t,
                                                device))
             if t.eval_iters and iteration % t.eval_interval == 0 and iteration < train_iters:
-                history.evals.append(_evaluate(ddp, make_valid, t, num_micro, forward_step,
-                                               iteration, logger))
+                history.evals.append(run_eval(iteration=iteration))
             if t.save and t.save_interval and iteration % t.save_interval == 0:
                 if nan_in_row:
                     # Weights are intact, but a resume from here would silently skip the bad data.
@@ -245,8 +253,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                 break
     if history.exit_reason == "finished":
         if t.eval_iters and train_iters > 0:
-            history.evals.append(_evaluate(ddp, make_valid, t, num_micro, forward_step, iteration,
-                                           logger))
+            history.evals.append(run_eval(iteration=iteration))
         if t.save and last_saved != iteration:
             _save(args, iteration, model, optimizer, scheduler, consumed, history)
     history.iteration, history.consumed_samples = iteration, consumed
@@ -259,12 +266,20 @@ def _iterators(args, tokenizer, train_iters, consumed, dp_rank, dp):
     return build_iterators(args, tokenizer, train_iters, consumed, dp_rank, dp)
 
 
-def _evaluate(ddp, make_valid, t, num_micro, forward_step, iteration, logger) -> dict:
+def _stage_reads_data(pp: int) -> bool:
+    """Only the first stage (tokens) and the last (labels, loss mask) read batches."""
+    rank = state.get_pipeline_model_parallel_rank()
+    return pp == 1 or rank in (0, pp - 1)
+
+
+def _evaluate(ddp, make_valid, t, num_micro, forward_step, *, iteration, logger, pp,
+              autocast_dtype) -> dict:
     it = make_valid()
-    if it is None:
+    if it is None:     # no validation split: the same answer on every rank
         return {}
-    result = evaluate(ddp, it, eval_iters=t.eval_iters, num_microbatches=num_micro,
-                      forward_step=forward_step)
+    result = evaluate(ddp, it if _stage_reads_data(pp) else None, eval_iters=t.eval_iters,
+                      num_microbatches=num_micro, forward_step=forward_step,
+                      pipeline_model_parallel_size=pp, autocast_dtype=autocast_dtype)
     result["iteration"] = iteration
     logger.log_eval(result)
     return result

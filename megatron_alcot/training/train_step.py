@@ -5,6 +5,10 @@
     stats = train_step(ctx, data_iterator)
     stats.loss, stats.updated, stats.nan_skip, stats.grad_norm, stats.depth_counts
 
+With ``pipeline_model_parallel_size > 1`` the model is this rank's stage and the lap pipeline runs
+the micro-batches; the tied embedding's two copies get their summed gradient, and the last stage's
+statistics reach every stage before the data-parallel reduce, so all ranks report the same numbers.
+
 Statistics of all micro-batches and data-parallel ranks travel in one small all-reduce, so every
 rank sees the same mean loss. A non-finite loss or gradient norm skips the update (parameters,
 Adam state and LR schedule untouched); ``nan_skip`` says so. Under ``--fp16`` an overflowing
@@ -14,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_alcot.parallel import state
+from megatron_alcot.parallel.pipeline import allreduce_tied_embedding_grads
 from megatron_alcot.training.schedules import get_forward_backward_func
 
 
@@ -74,7 +79,8 @@ def make_forward_step(model_cfg, device: torch.device, autocast_dtype, flops_met
     def forward_step(batch, model):
         batch = batch_to_device(batch, device)
         with autocast_context(device, autocast_dtype):
-            out = model(batch["tokens"], labels=batch["labels"], loss_mask=batch.get("loss_mask"))
+            out = model(batch["tokens"], labels=batch["labels"], loss_mask=batch.get("loss_mask"),
+                        position_ids=batch.get("position_ids"))
         num_steps = out.num_steps if out.num_steps is not None else \
             torch.zeros_like(batch["tokens"])
         depth = torch.bincount(num_steps.reshape(-1).long().cpu(), minlength=max_depth + 1)
@@ -89,6 +95,11 @@ def make_forward_step(model_cfg, device: torch.device, autocast_dtype, flops_met
         return out.loss, info
 
     return forward_step
+
+
+def info_numel(model_cfg) -> int:
+    """Length of the ``info`` vector of :func:`make_forward_step`."""
+    return 6 + model_cfg.num_latent_steps + 1
 
 
 def reduce_stats(infos: List[torch.Tensor]) -> torch.Tensor:
@@ -106,11 +117,21 @@ def unpack_stats(total: torch.Tensor) -> StepStats:
                      depth_counts=[float(x) for x in total[6:]])
 
 
-def _reduce_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _reduce_on(device: torch.device) -> torch.device:
     # NCCL needs device tensors; gloo takes CPU ones.
     if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
-        return t.to(device)
-    return t
+        return device
+    return torch.device("cpu")
+
+
+def gather_stage_infos(infos: List[torch.Tensor], model_cfg, device: torch.device,
+                       pipeline_model_parallel_size: int = 1) -> List[torch.Tensor]:
+    """The infos to reduce over DP, on the reduce device: with PP > 1 the last stage's sum,
+    broadcast to every stage (the others ran no step function)."""
+    if pipeline_model_parallel_size > 1:
+        from megatron_alcot.parallel.pipeline import infos_from_last_stage
+        return infos_from_last_stage(infos, info_numel(model_cfg), device=_reduce_on(device))
+    return [i.to(_reduce_on(device)) for i in infos]
 
 
 def train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Optional[Callable] = None) -> StepStats:
@@ -121,12 +142,14 @@ def train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Optional
         model.zero_grad_buffer()
     else:
         model.zero_grad(set_to_none=False)
-    fb = get_forward_backward_func(ctx.pipeline_model_parallel_size)
+    fb = get_forward_backward_func(ctx.pipeline_model_parallel_size, ctx.autocast_dtype)
     infos = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
                num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss)
     if hasattr(model, "finish_grad_sync"):
         model.finish_grad_sync()
-    total = reduce_stats([_reduce_device(i, ctx.device) for i in infos]).cpu()
+    allreduce_tied_embedding_grads(model)
+    total = reduce_stats(gather_stage_infos(infos, ctx.model_cfg, ctx.device,
+                                            ctx.pipeline_model_parallel_size)).cpu()
     stats = unpack_stats(total)
     stats.lr = optimizer.param_groups[0]["lr"]
     loss_finite = math.isfinite(stats.loss)

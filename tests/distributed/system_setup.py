@@ -4,7 +4,7 @@
     with LocalSlurm(tmp_dir) as slurm:            # munged + slurmctld + slurmd on 127.0.0.1
         job_id = slurm.sbatch_wait(script_path)   # sbatch, poll until the job ends; raises with the logs
     reference = reference_curve(tiny_argv())      # DP=1 in-process train(), per-step records
-    assert_curves_match(log_text, tb_dir, reference)    # console + TensorBoard vs reference
+    assert_curves_match(log_text, out_dir, reference)   # console + --metrics-file (+ TensorBoard)
 
 Installs go through apt (``apt-get install -y``) and need root; where that is impossible the
 caller gets a :class:`Unavailable` with the reason, which the tests turn into ``pytest.skip``.
@@ -13,6 +13,7 @@ Nothing is started unless a test asks for it, and everything started is stopped 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import random
 import re
@@ -361,6 +362,19 @@ def parse_log(text: str) -> List[dict]:
     return steps
 
 
+def output_flags(out_dir: str) -> List[str]:
+    """Where the launched run writes what :func:`assert_curves_match` reads."""
+    return ["--metrics-file", os.path.join(out_dir, "metrics.jsonl"),
+            "--tensorboard-dir", os.path.join(out_dir, "tb")]
+
+
+def read_metrics(path: str) -> List[dict]:
+    """The full-precision per-iteration records rank 0 wrote with --metrics-file."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    return [r for r in rows if r["kind"] == "train"]
+
+
 def read_tensorboard(tb_dir: str) -> Optional[List[dict]]:
     """Full-precision (fp32) per-iteration scalars rank 0 wrote with --tensorboard-dir, or None."""
     try:
@@ -381,9 +395,10 @@ def check_world(log_text: str, world: int = 2) -> None:
     assert f"dp {world}), world {world}," in headers[0], headers[0]
 
 
-def assert_curves_match(log_text: str, tb_dir: Optional[str], reference: List[dict]) -> List[dict]:
-    """Compare a launched run with the reference: console lines at their printed precision, the
-    TensorBoard scalars at fp32 precision. Returns the most precise curve that was read."""
+def assert_curves_match(log_text: str, out_dir: str, reference: List[dict]) -> List[dict]:
+    """Compare a launched run (flags from :func:`output_flags`) with the reference: the console
+    lines at their printed precision, the --metrics-file records at full precision, and the
+    TensorBoard scalars (fp32) when tensorboard is installed. Returns the metrics-file curve."""
     import pytest
     check_world(log_text)
     printed = parse_log(log_text)
@@ -392,11 +407,13 @@ def assert_curves_match(log_text: str, tb_dir: Optional[str], reference: List[di
         for key, tol in (("loss", 1e-4), ("lm_loss", 1e-4), ("latent_loss", 1e-4),
                          ("grad_norm", 1e-3), ("mean_latent_steps", 1e-2)):
             assert got[key] == pytest.approx(ref[key], abs=tol), (key, got, ref)
-    precise = read_tensorboard(tb_dir) if tb_dir else None
-    if precise is None:
-        return printed
-    assert [s["iteration"] for s in precise] == list(range(1, len(reference) + 1))
-    for got, ref in zip(precise, reference):
-        for key in CURVE_KEYS:
-            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (key, got, ref)
-    return precise
+    curves = [read_metrics(os.path.join(out_dir, "metrics.jsonl"))]
+    tensorboard = read_tensorboard(os.path.join(out_dir, "tb"))
+    if tensorboard is not None:
+        curves.append(tensorboard)
+    for precise in curves:
+        assert [s["iteration"] for s in precise] == list(range(1, len(reference) + 1))
+        for got, ref in zip(precise, reference):
+            for key in CURVE_KEYS:
+                assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-6), (key, got, ref)
+    return curves[0]

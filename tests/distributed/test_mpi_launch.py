@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from system_setup import (PRETRAIN, REPO_ROOT, Unavailable, assert_curves_match, clean_env,
-                          free_port, open_mpi_command, reference_curve, tiny_argv)
+                          free_port, open_mpi_command, output_flags, reference_curve, tiny_argv)
 
 
 @pytest.fixture(scope="module")
@@ -19,13 +19,12 @@ def mpirun():
 
 def test_mpirun_two_ranks_match_single_process(mpirun, tmp_path):
     argv = tiny_argv()
-    tb_dir = str(tmp_path / "tb")
     port = free_port()
     # The children see only what -x exports (plus the local environment Open MPI forwards).
     exports = ["-x", "MASTER_ADDR=127.0.0.1", "-x", f"MASTER_PORT={port}", "-x", "OMP_NUM_THREADS=1",
                "-x", "PYTHONUNBUFFERED=1", "-x", "PATH"]
-    cmd = mpirun + exports + [sys.executable, PRETRAIN, *argv, "--tensorboard-dir", tb_dir]
+    cmd = mpirun + exports + [sys.executable, PRETRAIN, *argv, *output_flags(str(tmp_path))]
     run = subprocess.run(cmd, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 0, f"mpirun failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
-    assert_curves_match(run.stdout, tb_dir, reference_curve(argv))
+    assert_curves_match(run.stdout, str(tmp_path), reference_curve(argv))

@@ -18,7 +18,7 @@ import pytest
 from megatron_alcot.arguments import parse_args
 from megatron_alcot.parallel.launch import expand_nodelist, slurm_master_port
 from system_setup import (PRETRAIN, REPO_ROOT, LocalSlurm, Unavailable, assert_curves_match,
-                          clean_env, reference_curve, tiny_argv)
+                          clean_env, output_flags, reference_curve, tiny_argv)
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +33,7 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def _job_script(path, out, argv, tb_dir, host) -> str:
+def _job_script(path, out, argv, out_dir, host) -> str:
     lines = ["#!/bin/bash",
              "#SBATCH --job-name=alcot-test --nodes=1 --ntasks=2 --cpus-per-task=1 --time=00:05:00",
              f"#SBATCH --output={out} --chdir={REPO_ROOT}",
@@ -43,7 +43,7 @@ def _job_script(path, out, argv, tb_dir, host) -> str:
         socket.gethostbyname(host)       # launch.py takes the master from SLURM_JOB_NODELIST
     except OSError:
         lines.append("export MASTER_ADDR=127.0.0.1   # the node name does not resolve here")
-    cmd = [sys.executable, PRETRAIN, *argv, "--tensorboard-dir", tb_dir]
+    cmd = [sys.executable, PRETRAIN, *argv, *output_flags(out_dir)]
     lines.append("srun --kill-on-bad-exit=1 " + " ".join(shlex.quote(c) for c in cmd))
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -52,14 +52,14 @@ def _job_script(path, out, argv, tb_dir, host) -> str:
 
 def test_srun_two_tasks_match_single_process(slurm, tmp_path):
     argv = tiny_argv()
-    out, tb_dir = str(tmp_path / "job.out"), str(tmp_path / "tb")
-    script = _job_script(str(tmp_path / "job.sh"), out, argv, tb_dir, slurm.host)
+    out = str(tmp_path / "job.out")
+    script = _job_script(str(tmp_path / "job.sh"), out, argv, str(tmp_path), slurm.host)
     try:
         slurm.sbatch_wait(script)       # raises unless the job ends COMPLETED (exit code 0)
     finally:
         log = open(out).read() if os.path.exists(out) else "(no job output)"
         print(log)                      # shown by pytest when the test fails
-    assert_curves_match(log, tb_dir, reference_curve(argv))
+    assert_curves_match(log, str(tmp_path), reference_curve(argv))
 
 
 # --- slurm/pretrain_7b.sh, run with stand-ins for srun and scontrol -------------------------------
@@ -84,6 +84,7 @@ def test_sbatch_script_builds_the_intended_srun_command(tmp_path):
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
                     SLURM_JOB_NODELIST="gpu[07-10]", SLURM_SUBMIT_DIR=str(tmp_path),
+                    TOKENIZER_MODEL=str(tmp_path / "tokenizer.model"),
                     TEST_HOSTNAMES=" ".join(expand_nodelist("gpu[07-10]")))
     run = subprocess.run(["bash", os.path.join(REPO_ROOT, "slurm", "pretrain_7b.sh"),
                           "--train-iters", "10"], env=env, capture_output=True, text=True, timeout=60)

@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-from system_setup import PRETRAIN, REPO_ROOT, assert_curves_match, clean_env, reference_curve, tiny_argv
+from system_setup import (PRETRAIN, REPO_ROOT, assert_curves_match, clean_env, output_flags,
+                          reference_curve, tiny_argv)
 
 
 def torchrun_command():
@@ -14,10 +15,9 @@ def torchrun_command():
 
 def test_torchrun_two_ranks_match_single_process(tmp_path):
     argv = tiny_argv()
-    tb_dir = str(tmp_path / "tb")
     cmd = torchrun_command() + ["--standalone", "--nproc-per-node", "2", PRETRAIN, *argv,
-                                "--tensorboard-dir", tb_dir]
+                                *output_flags(str(tmp_path))]
     run = subprocess.run(cmd, cwd=REPO_ROOT, env=clean_env(), capture_output=True, text=True,
                          timeout=240)
     assert run.returncode == 0, f"torchrun failed ({run.returncode}):\n{run.stdout}\n{run.stderr}"
-    assert_curves_match(run.stdout, tb_dir, reference_curve(argv))
+    assert_curves_match(run.stdout, str(tmp_path), reference_curve(argv))

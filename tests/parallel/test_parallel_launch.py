@@ -25,7 +25,7 @@ def test_expand_nodelist_errors(bad):
         expand_nodelist(bad)
 
 
-SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+SLURM = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_STEP_ID": "0",
          "SLURM_JOB_NODELIST": "gpu[12-13,20]", "SLURM_JOB_ID": "123456"}
 
 
@@ -47,7 +47,7 @@ def test_torchrun_wins_over_slurm_and_mpi():
     assert (info.rank, info.world_size, info.local_rank, info.launcher) == (3, 4, 3, "torchrun")
     assert (info.master_addr, info.master_port) == ("h", 1234)
     env = {k: v for k, v in env.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    assert discover(env).launcher == "slurm"
+    assert discover(env).launcher == "mpi"      # mpirun's ranks inherit its daemons' srun step
 
 
 def test_open_mpi():
@@ -89,7 +89,7 @@ def _slurm_task(rank, port, queue):
     import os
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         os.environ.pop(k, None)
-    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+    os.environ.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank), SLURM_STEP_ID="0",
                       SLURM_JOB_NODELIST="127.0.0.[1]", SLURM_JOB_ID=str(port - 20000),
                       MEGATRON_ALCOT_DEVICE="cpu")
     torch.set_num_threads(1)

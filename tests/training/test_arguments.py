@@ -88,9 +88,8 @@ def test_bad_values_name_the_flag(override, flag):
         prepare(tiny_argv(**override))
 
 
-def test_pipeline_parallel_says_not_implemented():
-    with pytest.raises(ConfigError, match="not implemented"):
-        validate_args(parse_args(tiny_argv(pipeline_model_parallel_size=2, num_layers=2)), world_size=2)
+def test_pipeline_parallel_is_accepted():
+    validate_args(parse_args(tiny_argv(pipeline_model_parallel_size=2, num_layers=2)), world_size=2)
 
 
 def test_unknown_flag_suggests_and_exits_2(capsys):
