@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import inspect
 import os
+import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
 from megatron_alcot.config import (LATENT_METHODS, LATENT_READOUTS, LR_DECAY_STYLES,
@@ -124,6 +126,7 @@ def _specs():
         ("--sequence-parallel", p, "sequence_parallel", dict(action="store_true", default=None)),
         ("--use-distributed-optimizer", p, "use_distributed_optimizer",
          dict(action="store_true", default=None)),
+        ("--zero-stage", p, "zero_stage", dict(type=int, choices=(1, 2))),
         ("--distributed-backend", p, "distributed_backend", dict(choices=("auto", "gloo", "nccl"))),
         ("--distributed-timeout-minutes", p, "distributed_timeout_minutes", dict(type=int)),
         ("--overlap-grad-reduce", t, "overlap_grad_reduce", dict(action="store_true", default=None)),
@@ -204,13 +207,51 @@ def _specs():
     ]
 
 
+_SECTIONS = {"model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+             "train": TrainConfig, "optim": OptimizerConfig, "logging": LoggingConfig}
+_METAVARS = {int: "N", float: "X"}
+
+
+def _field_notes(cls) -> dict:
+    """``field -> (default, comment)`` read from the config class: the comment after each field
+    in config.py is the one description of a flag, so --help cannot drift from the configs."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        source = ""
+    notes = {}
+    for f in fields(cls):
+        match = re.search(rf"^\s+{f.name}:[^#\n]*#\s*(.*)$", source, re.MULTILINE)
+        comment = match.group(1).strip() if match else ""
+        comment = re.sub(r"^(--[\w-]+[ ,;/]*)+", "", comment)         # the flag names themselves
+        comment = re.sub(r"^\{[^}]*\}[ ;:,]*", "", comment)          # choices (argparse shows them)
+        comment = re.sub(r"^\(([^)]*)\)[ ;:,]*", r"\1; ", comment).strip(" ;")
+        default = f.default if f.default is not MISSING else None
+        notes[f.name] = (default, comment)
+    return notes
+
+
+def _help(section: Optional[str], name: str, kwargs: dict, notes: dict) -> str:
+    if section is None:
+        return "accepted for Megatron-LM scripts; the feature is always on here"
+    default, comment = notes.get(section, {}).get(name, (None, ""))
+    if kwargs.get("action") in ("store_true", "store_false"):
+        return (comment or name.replace("_", " ")).replace("%", "%%")
+    shown = "" if default in (None, "", []) else f" (default: {default})"
+    return ((comment or name.replace("_", " ")) + shown).replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="pretrain_alcot.py", allow_abbrev=False,
                      description="Pretrain a LLaMA model with adaptive latent chain-of-thought "
                                  "(Megatron-LM flags).")
+    notes = {section: _field_notes(cls) for section, cls in _SECTIONS.items()}
     for flag, section, name, kwargs in _specs():
         kwargs = dict(kwargs)
         dest = f"{section}__{name}" if section else f"compat__{name}"
+        kwargs.setdefault("help", _help(section, name, kwargs, notes))
+        if "action" not in kwargs and "choices" not in kwargs and "metavar" not in kwargs:
+            kwargs["metavar"] = _METAVARS.get(kwargs.get("type"), "VALUE")
         kwargs.setdefault("default", None)
         parser.add_argument(flag, dest=dest, **kwargs)
     return parser

@@ -200,6 +200,7 @@ class ParallelConfig:
     pipeline_layer_split: Optional[str] = None  # --pipeline-layer-split "3,5": layers per stage (None: even)
     sequence_parallel: bool = False           # --sequence-parallel
     use_distributed_optimizer: bool = False   # --use-distributed-optimizer (ZeRO-1/2)
+    zero_stage: int = 1                       # --zero-stage (with --use-distributed-optimizer): 1 shards optimizer state, 2 also gradients
     distributed_backend: str = "auto"         # --distributed-backend {auto,gloo,nccl}
     distributed_timeout_minutes: int = 10     # --distributed-timeout-minutes
 
@@ -213,6 +214,9 @@ class ParallelConfig:
                 f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.zero_stage not in (1, 2):
+            raise ConfigError(f"--zero-stage {self.zero_stage}: use 1 (optimizer state sharded) or 2 "
+                              "(gradients too); DeepSpeed offers stage 3")
         if self.distributed_backend not in ("auto", "gloo", "nccl"):
             raise ConfigError(f"--distributed-backend {self.distributed_backend!r}: use auto, gloo or nccl")
 

@@ -169,10 +169,17 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     if on_model_built is not None:
         on_model_built(model)
     apply_recompute(model, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
-    ddp = DistributedDataParallel(model, state.get_data_parallel_group(), dp_size=dp,
-                                  bucket_size_mb=t.ddp_bucket_size_mb,
-                                  overlap_grad_reduce=t.overlap_grad_reduce)
-    optimizer = build_optimizer(model, args.optim, t)
+    if args.parallel.use_distributed_optimizer:
+        # Built after .to(device): it moves the parameters into its flat, DP-sharded buffers.
+        from megatron_alcot.optim.distributed_optimizer import build_distributed_optimizer
+        optimizer = build_distributed_optimizer(model, args.optim, t,
+                                                zero_stage=args.parallel.zero_stage)
+        ddp = optimizer.wrap_model(model)
+    else:
+        ddp = DistributedDataParallel(model, state.get_data_parallel_group(), dp_size=dp,
+                                      bucket_size_mb=t.ddp_bucket_size_mb,
+                                      overlap_grad_reduce=t.overlap_grad_reduce)
+        optimizer = build_optimizer(model, args.optim, t)
     scheduler = OptimizerParamScheduler.from_config(optimizer, args.optim, train_iters)
 
     history = History(config=args.to_dict())

@@ -27,3 +27,14 @@ def test_data_and_tensor_parallel_match_single_process():
         assert all(c == curves[0] for c in curves)          # every rank reports the same numbers
         for ref_step, step in zip(reference, curves[0]):
             assert step == pytest.approx(ref_step, rel=2e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_distributed_optimizer_matches_single_process(stage):
+    """--use-distributed-optimizer (ZeRO-1/2 over DP) trains the same curve as plain AdamW at DP=1."""
+    reference = _curve(train(ARGV))
+    zero = run_distributed(_train_in_world, 2, ARGV + ["--use-distributed-optimizer",
+                                                       "--zero-stage", stage])
+    assert zero[0] == zero[1]
+    for ref_step, step in zip(reference, zero[0]):
+        assert step == pytest.approx(ref_step, rel=2e-4, abs=1e-6)

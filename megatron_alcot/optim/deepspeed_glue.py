@@ -1,0 +1,115 @@
+"""DeepSpeed as the second engine: ZeRO-1/2/3 with a client ``torch.optim.AdamW``.
+
+    >>> engine, optimizer = initialize_deepspeed(
+    ...     model, None, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}},
+    ...     lr=3e-4, weight_decay=0.1, clip_grad=1.0, micro_batch_size=4, global_batch_size=32)
+    >>> loss = engine(tokens, labels=labels).loss
+    >>> engine.backward(loss); engine.step()        # steps the optimizer every N micro-batches
+    >>> sched = OptimizerParamScheduler(optimizer, ...)   # sets group["lr"] like for our optimizers
+
+``ds_config`` is a DeepSpeed config (dict or JSON path). The keyword arguments fill what the
+training flags own: ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps`` (global
+batch / (micro batch × DP)), ``train_batch_size``, ``gradient_clipping`` and, when given,
+``zero_optimization.stage`` and ``bf16.enabled``; a value the config already holds must agree.
+The optimizer is always the client AdamW with the base optimizer's decay/no-decay groups
+(``optimizer_params``, default: :func:`optimizer.param_groups` of ``model``): a config
+``"optimizer"`` section would select DeepSpeed's compiled Adam (a JIT build per machine) and is
+rejected.
+
+Supported here: ZeRO stage 0-3, fp32 or bf16, CPU offload of ZeRO-2/3 optimizer state (a DeepSpeed
+``cpu_adam`` build on first use), with TP = PP = 1 (data parallelism only). DeepSpeed's own rules
+still apply: ZeRO-2/3 do not combine with its pipeline engine, and our lap schedules are not its
+pipeline engine, so PP > 1 is refused; TP > 1 would need DeepSpeed to reduce norms over our TP
+groups and is refused too. Use ``--use-distributed-optimizer`` (``distributed_optimizer.py``) for
+ZeRO with TP/PP. ``deepspeed`` is optional: it is imported only inside :func:`initialize_deepspeed`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Optional, Tuple, Union
+
+import torch
+
+from megatron_alcot.optim.optimizer import param_groups
+from megatron_alcot.parallel import state
+
+
+def _set(config: dict, path: Tuple[str, ...], value) -> None:
+    """Fill ``config[path]`` with ``value``; a different value already there is an error."""
+    node = config
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    old = node.get(path[-1])
+    if old is not None and old != value:
+        raise ValueError(f"DeepSpeed config {'.'.join(path)} = {old!r} disagrees with the training "
+                         f"flags ({value!r}); drop it from the config or change the flag")
+    node[path[-1]] = value
+
+
+def build_deepspeed_config(ds_config: Union[str, dict, None], *, micro_batch_size: int,
+                           global_batch_size: Optional[int] = None, dp_size: Optional[int] = None,
+                           clip_grad: float = 0.0, zero_stage: Optional[int] = None,
+                           bf16: Optional[bool] = None) -> dict:
+    """The DeepSpeed config dict with the batch, clipping, stage and precision fields filled in."""
+    if isinstance(ds_config, (str, os.PathLike)):
+        with open(ds_config) as f:
+            config = json.load(f)
+    else:
+        config = copy.deepcopy(ds_config or {})
+    if "optimizer" in config:
+        raise ValueError("the DeepSpeed config has an \"optimizer\" section; remove it: the client "
+                         "torch AdamW is used (DeepSpeed's own Adam needs a JIT build)")
+    dp = dp_size if dp_size is not None else state.get_data_parallel_world_size()
+    global_batch_size = global_batch_size if global_batch_size is not None else micro_batch_size * dp
+    if global_batch_size % (micro_batch_size * dp):
+        raise ValueError(f"global batch {global_batch_size} is not a multiple of micro batch "
+                         f"{micro_batch_size} × data-parallel size {dp}")
+    _set(config, ("train_micro_batch_size_per_gpu",), micro_batch_size)
+    _set(config, ("gradient_accumulation_steps",), global_batch_size // (micro_batch_size * dp))
+    _set(config, ("train_batch_size",), global_batch_size)
+    _set(config, ("gradient_clipping",), float(clip_grad))
+    if zero_stage is not None:
+        _set(config, ("zero_optimization", "stage"), int(zero_stage))
+    if bf16 is not None:
+        _set(config, ("bf16", "enabled"), bool(bf16))
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
+        raise ValueError("the DeepSpeed config enables both fp16 and bf16; choose one")
+    return config
+
+
+def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
+                         ds_config: Union[str, dict, None] = None, *, lr: float,
+                         weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
+                         clip_grad: float = 0.0, micro_batch_size: int = 1,
+                         global_batch_size: Optional[int] = None, zero_stage: Optional[int] = None,
+                         bf16: Optional[bool] = None):
+    """``deepspeed.initialize`` with a client AdamW; returns ``(engine, optimizer)``."""
+    tp = state.get_tensor_model_parallel_world_size()
+    pp = state.get_pipeline_model_parallel_world_size()
+    if tp > 1 or pp > 1:
+        raise ValueError(f"the DeepSpeed engine runs with tensor- and pipeline-parallel size 1 "
+                         f"(got TP {tp}, PP {pp}); use --use-distributed-optimizer for ZeRO with TP/PP")
+    try:
+        import deepspeed  # noqa: PLC0415 - optional dependency
+    except ImportError as exc:
+        raise ImportError("DeepSpeed is not installed: pip install deepspeed together with the "
+                          "pinned torch (torch==<installed version>), or train without a DeepSpeed "
+                          "config (--use-distributed-optimizer gives ZeRO-1/2 without it)") from exc
+    config = build_deepspeed_config(ds_config, micro_batch_size=micro_batch_size,
+                                    global_batch_size=global_batch_size, clip_grad=clip_grad,
+                                    zero_stage=zero_stage, bf16=bf16)
+    groups = optimizer_params if optimizer_params is not None else \
+        param_groups(model.named_parameters(), weight_decay)
+    try:
+        client = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        client = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                   foreach=True)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+    return engine, optimizer
