@@ -7,8 +7,9 @@
 Text mode prints the prompt, then each generated token as ``piece[ℓ]`` (ℓ = latent steps of the
 position that predicted it: 0 = answered at once, ℓmax = thought the longest), then a legend and
 the mean. ``--json`` prints ``{"prompt", "text", "tokens": [{"id", "piece", "latent_steps"}],
-"mean_latent_steps", "histogram"}``. Native checkpoints decode with the parallel forward re-run per
-token (equal to cached decoding); exports use their own ``generate()`` with its KV cache.
+"mean_latent_steps", "histogram"}``. Native checkpoints decode on the (layer, step) KV cache
+(``megatron_alcot.model.generation.generate``; ``--no-cache`` re-runs the parallel forward per token
+instead, the exact reference); exports use their own ``generate()`` with its KV cache.
 """
 from __future__ import annotations
 
@@ -22,16 +23,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def run_native(args):
     from megatron_alcot.evaluation import generate_tokens
-    from megatron_alcot.evaluation.perplexity import NativeScorer, load_native_model, native_tokenizer
+    from megatron_alcot.evaluation.perplexity import load_native_model, native_tokenizer
     model, cfg, meta = load_native_model(args.load, args.iteration)
     tok = native_tokenizer(meta, args.tokenizer_model)
     if tok is None:
         raise ValueError("the checkpoint names no tokenizer; pass --tokenizer-model")
-    scorer = NativeScorer(model, cfg, eod=tok.eod, bos=tok.bos)
     prompt = tok.tokenize(args.prompt)
-    ids, steps = generate_tokens(scorer, prompt, args.max_new_tokens,
+    ids, steps = generate_tokens(model, prompt, args.max_new_tokens,
                                  temperature=0.0 if args.greedy else args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, eos=tok.eod, seed=args.seed)
+                                 top_k=args.top_k, top_p=args.top_p, eos=tok.eod, seed=args.seed,
+                                 use_cache=not args.no_cache)
     pieces = [tok.detokenize([i]) for i in ids]
     return ids, steps, pieces, tok.detokenize(ids), cfg.num_latent_steps
 
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--no-cache", action="store_true",
+                   help="native: re-run the parallel forward for every token instead of the KV cache (reference)")
     p.add_argument("--json", action="store_true", help="print JSON instead of marked-up text")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1:

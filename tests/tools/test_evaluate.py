@@ -1,6 +1,5 @@
 """tools/evaluate.py on a native checkpoint vs its export, and lm-eval (CLI on the export, the
 megatron_alcot LM adapter on the native checkpoint): the same perplexity by construction."""
-import importlib.util
 import json
 import math
 import os
@@ -82,3 +81,23 @@ def test_lm_eval_cli_on_export_matches_native(exported, capsys):
     res = json.load(open(results[0]))["results"]["local_ppl"]
     assert math.isclose(res["word_perplexity,none"], ref["word_perplexity"], rel_tol=1e-4)
     assert math.isclose(res["byte_perplexity,none"], ref["byte_perplexity"], rel_tol=1e-4)
+
+
+def test_data_path_split_selects_the_trainers_documents(exported, tmp_path, capsys):
+    import numpy
+    from megatron_alcot.data.indexed_dataset import IndexedDatasetBuilder
+    from megatron_alcot.data.utils import split_matrix, split_range
+    ckpt, _, _ = exported
+    prefix = str(tmp_path / "docs")
+    with IndexedDatasetBuilder(prefix + ".bin", numpy.uint16) as b:
+        for i in range(20):
+            b.add_document([(7 * i + j) % 290 + 3 for j in range(5 + i % 4)] + [2])
+        b.finalize(prefix + ".idx")
+    docs, (beg, end) = evaluate_tool.split_documents(prefix, "80,15,5", "valid")
+    assert (beg, end) == split_range(split_matrix("80,15,5")[1], 20) == (16, 19) and len(docs) == 3
+    r = run_evaluate(["--load", ckpt, "--data-path", prefix, "--split", "80,15,5", "--seq-length", "8"], capsys)
+    assert r["document_range"] == [16, 19] and r["documents"] == 3 and r["tokens"] == sum(map(len, docs))
+    assert evaluate_tool.main(["--load", ckpt, "--data-path", prefix, "--split", "100,0,0"]) == 1
+    assert "gives the valid split no documents" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="exactly one of load"):
+        evaluate_tool.evaluate(data_path=prefix)
