@@ -127,6 +127,7 @@ def _specs():
         ("--use-distributed-optimizer", p, "use_distributed_optimizer",
          dict(action="store_true", default=None)),
         ("--zero-stage", p, "zero_stage", dict(type=int, choices=(1, 2))),
+        ("--deepspeed-config", p, "deepspeed_config", dict(metavar="PATH")),
         ("--distributed-backend", p, "distributed_backend", dict(choices=("auto", "gloo", "nccl"))),
         ("--distributed-timeout-minutes", p, "distributed_timeout_minutes", dict(type=int)),
         ("--overlap-grad-reduce", t, "overlap_grad_reduce", dict(action="store_true", default=None)),
@@ -324,6 +325,29 @@ def validate_args(args: Arguments, world_size: int) -> None:
     if args.train.recompute_num_layers and args.train.recompute_num_layers > args.model.num_layers:
         raise ConfigError(f"--recompute-num-layers {args.train.recompute_num_layers} is larger than "
                           f"--num-layers {args.model.num_layers}")
+    _validate_deepspeed(args)
+
+
+def _validate_deepspeed(args: Arguments) -> None:
+    """``--deepspeed-config``: DeepSpeed is the data-parallel engine; refuse what it cannot join."""
+    path, par, t = args.parallel.deepspeed_config, args.parallel, args.train
+    if path is None:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(f"--deepspeed-config {path}: no such file (a DeepSpeed JSON config)")
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    clashes = [flag for flag, bad in (
+        (f"--tensor-model-parallel-size {tp}", tp > 1),
+        (f"--pipeline-model-parallel-size {pp}", pp > 1),
+        ("--use-distributed-optimizer", par.use_distributed_optimizer),
+        ("--fp16", t.fp16),
+        ("--save", t.save is not None),
+        ("--load", t.load is not None)) if bad]
+    if clashes:
+        raise ConfigError(f"--deepspeed-config does not combine with {', '.join(clashes)}: the DeepSpeed "
+                          "engine runs data parallelism only (TP = PP = 1, ZeRO from its config, bf16 "
+                          "via --bf16), and checkpoints are not written or read through it; use "
+                          "--use-distributed-optimizer for ZeRO with TP/PP, fp16 or checkpoints")
 
 
 def _prefixes(paths: list) -> list:

@@ -201,6 +201,7 @@ class ParallelConfig:
     sequence_parallel: bool = False           # --sequence-parallel
     use_distributed_optimizer: bool = False   # --use-distributed-optimizer (ZeRO-1/2)
     zero_stage: int = 1                       # --zero-stage (with --use-distributed-optimizer): 1 shards optimizer state, 2 also gradients
+    deepspeed_config: Optional[str] = None    # --deepspeed-config PATH: train through the DeepSpeed engine (DP only)
     distributed_backend: str = "auto"         # --distributed-backend {auto,gloo,nccl}
     distributed_timeout_minutes: int = 10     # --distributed-timeout-minutes
 

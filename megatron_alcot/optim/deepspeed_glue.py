@@ -16,16 +16,27 @@ The optimizer is always the client AdamW with the base optimizer's decay/no-deca
 ``"optimizer"`` section would select DeepSpeed's compiled Adam (a JIT build per machine) and is
 rejected.
 
-Supported here: ZeRO stage 0-3, fp32 or bf16, CPU offload of ZeRO-2/3 optimizer state (a DeepSpeed
-``cpu_adam`` build on first use), with TP = PP = 1 (data parallelism only). DeepSpeed's own rules
-still apply: ZeRO-2/3 do not combine with its pipeline engine, and our lap schedules are not its
-pipeline engine, so PP > 1 is refused; TP > 1 would need DeepSpeed to reduce norms over our TP
-groups and is refused too. Use ``--use-distributed-optimizer`` (``distributed_optimizer.py``) for
+Supported here: ZeRO stage 0-3 (with this project's model, stage 3 goes through
+:class:`Zero3Root`, and the engine returns the output as an :class:`OutputDict`), fp32 or bf16,
+CPU offload of ZeRO-2/3 optimizer state (a DeepSpeed ``cpu_adam`` build on first use), with
+TP = PP = 1 (data parallelism only). DeepSpeed's own rules still apply: ZeRO-2/3 do not combine
+with its pipeline engine, and our lap schedules are not its pipeline engine, so PP > 1 is refused;
+TP > 1 would need DeepSpeed to reduce norms over our TP groups and is refused too. Use ``--use-distributed-optimizer`` (``distributed_optimizer.py``) for
 ZeRO with TP/PP. ``deepspeed`` is optional: it is imported only inside :func:`initialize_deepspeed`.
+
+Gradient accumulation is DeepSpeed's: ``engine.backward`` divides each micro-batch loss by
+``gradient_accumulation_steps`` and ``engine.step()`` updates only on the last micro-batch, so the
+caller must not divide by the number of micro-batches itself (``training/train_step.py`` does not
+on this path). A non-finite gradient norm makes DeepSpeed skip the update and clear the gradients
+(``engine.was_step_applied()`` is then False).
+
+Checkpoints are not written or read through the engine yet: the trainer refuses ``--save`` and
+``--load`` with ``--deepspeed-config`` (``arguments.py``).
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Optional, Tuple, Union
@@ -82,6 +93,66 @@ def build_deepspeed_config(ds_config: Union[str, dict, None], *, micro_batch_siz
     return config
 
 
+class OutputDict(dict):
+    """A dict read like the model's output dataclass (``out.loss``): ZeRO-3 finds the tensors of
+    a module's output (to hook its backward) in dicts, lists and tuples, not in dataclasses."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Zero3Root(torch.nn.Module):
+    """The module handed to ZeRO-3 for this project's model. Every parameter is registered as an
+    external parameter of this root, so ZeRO-3 keeps it gathered for the whole forward and
+    backward: the model reads some parameters outside their own module's forward (the tied LM
+    head reads the embedding weight, the no-grad target probability ``output_weight``). Optimizer
+    state, gradients and the parameters between steps stay sharded; the parameter memory during
+    compute is that of ZeRO-2."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def __getattr__(self, name):
+        """Other attributes (``config``, ...) are the wrapped model's, for code that unwraps the
+        engine once (``engine.module``)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    def register_all_external(self) -> None:
+        import deepspeed  # noqa: PLC0415
+        for param in self.model.parameters():
+            deepspeed.zero.register_external_parameter(self, param)
+
+    def forward(self, *args, **kwargs):
+        out = self.model(*args, **kwargs)
+        return OutputDict(vars(out)) if dataclasses.is_dataclass(out) else out
+
+
+def _is_project_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds modules of this project's model package (see :class:`Zero3Root`)."""
+    return any(type(m).__module__.startswith("megatron_alcot.model") for m in model.modules())
+
+
+def _default_single_process_env() -> None:
+    """DeepSpeed initializes torch.distributed itself when nobody did; give it a world of one.
+    That process group (and DeepSpeed's cached groups) then lives as long as the process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    if "WORLD_SIZE" not in os.environ:
+        import socket  # noqa: PLC0415
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+
+
 def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
                          ds_config: Union[str, dict, None] = None, *, lr: float,
                          weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -103,6 +174,9 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
     config = build_deepspeed_config(ds_config, micro_batch_size=micro_batch_size,
                                     global_batch_size=global_batch_size, clip_grad=clip_grad,
                                     zero_stage=zero_stage, bf16=bf16)
+    zero3 = config.get("zero_optimization", {}).get("stage", 0) == 3
+    root = Zero3Root(model) if zero3 and _is_project_model(model) else model
+    _default_single_process_env()
     groups = optimizer_params if optimizer_params is not None else \
         param_groups(model.named_parameters(), weight_decay)
     try:
@@ -111,5 +185,7 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
     except (RuntimeError, TypeError, ValueError):
         client = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                    foreach=True)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config)
+    engine, optimizer, _, _ = deepspeed.initialize(model=root, optimizer=client, config=config)
+    if isinstance(root, Zero3Root):
+        root.register_all_external()
     return engine, optimizer

@@ -14,6 +14,11 @@ resume from ``--load``, then run ``train_step`` until ``--train-iters``, logging
 ``--max-nan-skips`` consecutive NaN/Inf steps it raises :class:`NanSkipLimitError` without saving
 (the last good checkpoint stays as it was).
 
+With ``--deepspeed-config PATH`` the model trains through a DeepSpeed engine
+(``optim/deepspeed_glue.py``, ZeRO-1/2/3 over DP, client AdamW from the optimizer flags, our LR
+schedule) and ``train_step`` hands the micro-batches to ``engine.backward`` / ``engine.step``;
+TP/PP > 1, ``--use-distributed-optimizer``, ``--fp16``, ``--save`` and ``--load`` are refused with it.
+
 ``on_model_built(model)`` lets tests reach the model (e.g. to inject a NaN) before training.
 """
 from __future__ import annotations
@@ -169,7 +174,9 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     if on_model_built is not None:
         on_model_built(model)
     apply_recompute(model, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
-    if args.parallel.use_distributed_optimizer:
+    if args.parallel.deepspeed_config is not None:
+        ddp, optimizer = _deepspeed_engine(args, model, gbs)
+    elif args.parallel.use_distributed_optimizer:
         # Built after .to(device): it moves the parameters into its flat, DP-sharded buffers.
         from megatron_alcot.optim.distributed_optimizer import build_distributed_optimizer
         optimizer = build_distributed_optimizer(model, args.optim, t,
@@ -187,7 +194,8 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     if t.load is not None:
         iteration, consumed = _load(args, model, optimizer, scheduler, logger)
     # Resuming restored the RNG streams of the saved run; gradients stay views into the DDP buffer.
-    ddp.zero_grad_buffer()
+    if hasattr(ddp, "zero_grad_buffer"):
+        ddp.zero_grad_buffer()
 
     train_it, make_valid = _iterators(args, tokenizer, train_iters, consumed, dp_rank, dp)
     pp = args.parallel.pipeline_model_parallel_size
@@ -198,13 +206,15 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     forward_step = make_forward_step(args.model, device, autocast_dtype, meter)
     ctx = StepContext(model=ddp, optimizer=optimizer, scheduler=scheduler, model_cfg=args.model,
                       num_microbatches=num_micro, device=device, flops_meter=meter,
-                      autocast_dtype=autocast_dtype, pipeline_model_parallel_size=pp)
+                      autocast_dtype=autocast_dtype, pipeline_model_parallel_size=pp,
+                      deepspeed=args.parallel.deepspeed_config is not None)
     run_eval = functools.partial(_evaluate, ddp, make_valid, t, num_micro, forward_step, logger=logger,
                                  pp=pp, autocast_dtype=autocast_dtype)
     logger.print(f"training {train_iters} iterations from iteration {iteration}: global batch {gbs} "
                  f"({num_micro} micro-batches of {t.micro_batch_size} × dp {dp}), world {world}, "
                  f"tp {args.parallel.tensor_model_parallel_size}, pp {pp}, "
-                 f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank, "
+                 f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} "
+                 "parameters on this rank, "
                  f"latent {args.model.latent_method} ℓmax {args.model.num_latent_steps}")
 
     timers = Timers(sync=device_lib.synchronize)
@@ -266,6 +276,22 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     history.iteration, history.consumed_samples = iteration, consumed
     logger.close()
     return history
+
+
+def _deepspeed_engine(args, model, global_batch):
+    """``--deepspeed-config``: the DeepSpeed engine around ``model`` with the client AdamW of the
+    run's optimizer flags; batch, clipping and bf16 come from the Megatron flags (a config value
+    that disagrees is a ConfigError). Returns ``(engine, optimizer)``."""
+    from megatron_alcot.optim.deepspeed_glue import build_deepspeed_config, initialize_deepspeed
+    o, t = args.optim, args.train
+    batch = dict(micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
+                 clip_grad=o.clip_grad, bf16=bool(t.bf16))
+    try:
+        config = build_deepspeed_config(args.parallel.deepspeed_config, **batch)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"--deepspeed-config {args.parallel.deepspeed_config}: {exc}") from exc
+    return initialize_deepspeed(model, None, config, lr=o.lr, weight_decay=o.weight_decay,
+                                betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **batch)
 
 
 def _iterators(args, tokenizer, train_iters, consumed, dp_rank, dp):

@@ -13,6 +13,8 @@ Statistics of all micro-batches and data-parallel ranks travel in one small all-
 rank sees the same mean loss. A non-finite loss or gradient norm skips the update (parameters,
 Adam state and LR schedule untouched); ``nan_skip`` says so. Under ``--fp16`` an overflowing
 gradient is the loss scaler's business (scale backs off, step skipped) and is not a NaN skip.
+With ``--deepspeed-config`` (``ctx.deepspeed``) the model is a DeepSpeed engine and
+:func:`deepspeed_train_step` runs the micro-batches.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class StepContext:
     flops_meter: object = None
     autocast_dtype: Optional[torch.dtype] = None
     pipeline_model_parallel_size: int = 1
+    deepspeed: bool = False                 # model is a DeepSpeed engine (--deepspeed-config)
 
 
 @dataclass
@@ -134,10 +137,38 @@ def gather_stage_infos(infos: List[torch.Tensor], model_cfg, device: torch.devic
     return [i.to(_reduce_on(device)) for i in infos]
 
 
+def deepspeed_train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Callable) -> StepStats:
+    """The same iteration through a DeepSpeed engine: ``engine.backward`` divides each micro-batch
+    loss by its ``gradient_accumulation_steps`` (= ``num_microbatches``; not divided again here) and
+    reduces over DP; ``engine.step()`` updates on the last micro-batch. DeepSpeed skips an update
+    with a non-finite gradient norm itself; the LR schedule then does not advance."""
+    engine = ctx.model
+    if engine.gradient_accumulation_steps() != ctx.num_microbatches:
+        raise RuntimeError(f"DeepSpeed accumulates {engine.gradient_accumulation_steps()} micro-batches, "
+                           f"the trainer runs {ctx.num_microbatches}")
+    infos = []
+    for _ in range(ctx.num_microbatches):
+        loss, info = forward_step(next(data_iterator), engine)
+        engine.backward(loss)
+        engine.step()
+        infos.append(info)
+    stats = unpack_stats(reduce_stats(gather_stage_infos(infos, ctx.model_cfg, ctx.device)).cpu())
+    stats.lr = ctx.optimizer.param_groups[0]["lr"]
+    stats.updated = bool(engine.was_step_applied())
+    norm = engine.get_global_grad_norm()
+    stats.grad_norm = float(norm) if norm is not None else float("nan")
+    stats.nan_skip = not stats.updated
+    if stats.updated:
+        ctx.scheduler.step()
+    return stats
+
+
 def train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Optional[Callable] = None) -> StepStats:
     model, optimizer = ctx.model, ctx.optimizer
     forward_step = forward_step or make_forward_step(ctx.model_cfg, ctx.device, ctx.autocast_dtype,
                                                      ctx.flops_meter)
+    if ctx.deepspeed:
+        return deepspeed_train_step(ctx, data_iterator, forward_step)
     if hasattr(model, "zero_grad_buffer"):
         model.zero_grad_buffer()
     else:
