@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 
-import numpy as np
 import pytest
 
 from megatron_alcot.data.indexed_dataset import IndexedDataset

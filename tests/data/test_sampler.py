@@ -1,5 +1,4 @@
 """PretrainingSampler: the global order depends on consumed samples only (DP size, resume)."""
-import numpy
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
 """ALCoT against a naive per-(t, k) reference: logits, loss, halting, exit masses, gradients
 (including those that reach earlier laps' keys/values), compaction, loss mask, lap-cut backward."""
-import math
 
 import pytest
 import torch

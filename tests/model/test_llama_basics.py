@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from megatron_alcot.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_alcot.config import ConfigError, ParallelConfig
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import PRESETS, preset
 

@@ -2,7 +2,6 @@
 import io
 import os
 
-import pytest
 import torch
 
 from megatron_alcot.training.train import train

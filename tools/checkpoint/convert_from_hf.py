@@ -27,7 +27,6 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-import torch  # noqa: E402
 
 from megatron_alcot.checkpointing.hf_adapter import (HFConversionError, from_hf,  # noqa: E402
                                                      model_config_from_hf_config)
