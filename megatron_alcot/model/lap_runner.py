@@ -167,7 +167,10 @@ class ALCoTMethod(LatentMethod):
             if ctx.labels is not None:
                 out.per_token_loss = vocab_parallel_cross_entropy(logits, ctx.labels)
         else:
-            log_e = [torch.where(ex, torch.log(torch.where(ex, e, 1.0)), float("-inf"))
+            # An executed step can carry an exit mass that underflows to 0 (g saturates at 1);
+            # clamping keeps log finite there, so its gradient stays 0 instead of inf·0 = NaN.
+            tiny = torch.finfo(torch.float32).tiny
+            log_e = [torch.where(ex, torch.log(torch.where(ex, e, 1.0).clamp_min(tiny)), float("-inf"))
                      for ex, e in zip(ctx.executed, ctx.exit)]
             step_logits = [model.lm_head(h) for h in ctx.hidden]
             logits = None

@@ -1,4 +1,5 @@
-"""Vocabulary padding takes no probability mass: the padded model equals the unpadded one."""
+"""Numerical edge cases of the LM head and readouts: vocabulary padding takes no probability mass;
+an exit mass that underflows to zero keeps gradients finite."""
 import torch
 
 from megatron_alcot.config import ModelConfig
@@ -38,3 +39,20 @@ def test_chunked_target_prob_ignores_padding_rows():
     dense = (h @ w[:20].t()).softmax(-1).gather(-1, target[:, None]).squeeze(-1)
     got = chunked_target_prob(h, w, target, chunk_rows=3, chunk_vocab=7, vocab_size=20)
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_prob_readout_gradient_is_finite_when_an_exit_mass_underflows():
+    """A router saturated at g = 1 gives an executed step exit mass 0; the loss must stay finite."""
+    torch.manual_seed(0)
+    cfg = _cfg(latent_readout="prob")
+    model = build_model(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("latent.routers") and name.endswith("bias"):
+                p.fill_(200.0)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(tokens, labels=torch.randint(0, cfg.vocab_size, (2, 16)))
+    assert float(out.exit_mass[..., 0].detach().max()) == 0.0           # step 0 ran with exit mass 0
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
