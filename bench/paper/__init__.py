@@ -1,0 +1,1 @@
+"""Parts of bench/paper_table.py: corpus, presets, runs, analysis, plots, report."""
