@@ -45,7 +45,7 @@ from typing import Callable, List
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT = "95,5,0"
 # Defaults of the full run and of --quick; a flag given explicitly wins over both.
-FULL = dict(train_iters=120, global_batch_size=16, micro_batch_size=8, eval_iters=8, eval_documents=None,
+FULL = dict(train_iters=300, global_batch_size=16, micro_batch_size=8, eval_iters=8, eval_documents=None,
             generate_tokens=32)
 QUICK = dict(train_iters=2, global_batch_size=4, micro_batch_size=4, eval_iters=1, eval_documents=4,
              generate_tokens=6)
