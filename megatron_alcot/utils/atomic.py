@@ -74,3 +74,28 @@ def atomic_output(final_path: str, mode: str = "wb") -> Iterator:
     except BaseException:
         remove_quietly(tmp)
         raise
+
+
+@contextmanager
+def atomic_directory(final_dir: str) -> Iterator[str]:
+    """Build a directory under a temporary name next to ``final_dir`` and move it into place only if
+    the block finishes; on any error the temporary directory is removed and ``final_dir`` is
+    untouched. An existing ``final_dir`` is replaced (callers refuse it first if they must).
+
+        >>> with atomic_directory("hf_out") as tmp:
+        ...     write_everything_into(tmp)
+    """
+    import shutil
+    import tempfile
+    parent = os.path.dirname(os.path.abspath(final_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(final_dir):
+            shutil.rmtree(final_dir)
+        os.replace(tmp, final_dir)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

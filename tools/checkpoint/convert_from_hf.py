@@ -23,13 +23,13 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 from megatron_alcot.checkpointing.hf_adapter import (HFConversionError, from_hf,  # noqa: E402
                                                      model_config_from_hf_config)
+from megatron_alcot.utils.atomic import atomic_directory  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LATENT_FLAGS = ("latent_method", "latent_max_steps", "latent_threshold", "latent_router_init_prob",
@@ -116,10 +116,7 @@ def convert_from_hf(load: str, save: str, target_tp: int = 1, target_pp: int = 1
     if missing:
         log(f"initialised {len(missing)} latent parameters freshly: {', '.join(missing[:6])}")
 
-    parent = os.path.dirname(save) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(save) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(save) as tmp:
         data = _data_config(load, tmp, save)
         config = {"model": model_cfg.to_dict(), "data": data,
                   "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1}}
@@ -131,12 +128,6 @@ def convert_from_hf(load: str, save: str, target_tp: int = 1, target_pp: int = 1
             save_checkpoint(staging, iteration, model, consumed_samples=0, config_dict=config, extra=extra)
             reshard_checkpoint(staging, tmp, target_tp, target_pp, iteration=iteration, log=log)
             shutil.rmtree(staging)
-        if os.path.exists(save):
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {model_cfg.latent_method} checkpoint (TP {target_tp}, PP {target_pp}, iteration "
         f"{iteration}) to {save}")
     return save

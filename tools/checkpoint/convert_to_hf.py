@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from megatron_alcot.checkpointing.hf_adapter import (exports_as_plain_llama,  # noqa: E402
                                                      hf_config_from_model_config, to_hf)
 from megatron_alcot.config import LATENT_METHODS, ModelConfig  # noqa: E402
+from megatron_alcot.utils.atomic import atomic_directory  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SP_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer", "GPTSentencePieceTokenizer")
@@ -183,10 +183,7 @@ def convert_to_hf(load: str, save: str, iteration: int | None = None, base_only:
     config = hf_config_from_model_config(model_cfg, info, base_only=base_only, dtype=dtype)
     plain = exports_as_plain_llama(model_cfg, base_only)
 
-    parent = os.path.dirname(save) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(save) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(save) as tmp:
         files = write_safetensors(hf_sd, tmp, max_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -197,12 +194,6 @@ def convert_to_hf(load: str, save: str, iteration: int | None = None, base_only:
             from megatron_alcot.hf import copy_remote_code
             copy_remote_code(tmp)
         files += write_tokenizer(ttype, tpath, tmp, info, model_cfg.max_positions)
-        if os.path.exists(save):
-            shutil.rmtree(save)
-        os.replace(tmp, save)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {'LlamaForCausalLM' if plain else 'llama_alcot (' + method + ')'} export to {save}: "
         f"{', '.join(files)}")
     return save
