@@ -16,7 +16,6 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel import mappings
@@ -86,12 +85,6 @@ def vocab_parallel_cross_entropy(logits_parallel: torch.Tensor, target: torch.Te
     """Per-token CE ``[...]`` (fp32) of vocab-parallel logits ``[..., V/tp]``; differentiable."""
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
-    if state.get_tensor_model_parallel_world_size() == 1:
-        # One rank holds the whole vocabulary: torch's fused kernel is faster than the split one.
-        flat = logits_parallel.float().reshape(-1, logits_parallel.shape[-1])
-        loss = F.cross_entropy(flat, target.reshape(-1).long(), reduction="none",
-                               label_smoothing=label_smoothing)
-        return loss.reshape(target.shape)
     return _VocabParallelCrossEntropy.apply(logits_parallel, target, float(label_smoothing))
 
 
