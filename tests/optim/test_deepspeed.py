@@ -5,14 +5,11 @@ default ~/.cache/torch_extensions). Workers end with barrier, destroy_process_gr
 ZeRO-3 on CPU can otherwise abort at interpreter exit after finishing.
 """
 import io
-import os
-import sys
-import traceback
 
 import pytest
 import torch
 
-from dist_utils import free_port
+from dist_utils import run_distributed_hard_exit
 from megatron_alcot.config import OptimizerConfig
 from megatron_alcot.model.presets import preset
 from megatron_alcot.optim import OptimizerParamScheduler, build_optimizer
@@ -97,49 +94,10 @@ def _ds_body(rank, world, stages):
     return buf.getvalue()
 
 
-def _worker(rank, world, port, queue, stages):
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, "ok", _ds_body(rank, world, stages)))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-        code = 1
-    # os._exit skips the queue's exit handler: without close + join_thread, a result still in the
-    # feeder thread (larger than the pipe buffer) is lost or cut, and the parent waits forever.
-    queue.close()
-    queue.join_thread()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def _run_ds(stages, world=2, timeout=300):
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue, stages)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = torch.load(io.BytesIO(payload), weights_only=True)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
+    payloads = run_distributed_hard_exit(_ds_body, world, stages, env={"DS_ACCELERATOR": "cpu"},
+                                         timeout=timeout)
+    return [torch.load(io.BytesIO(p), weights_only=True) for p in payloads]
 
 
 def _reference(stage):

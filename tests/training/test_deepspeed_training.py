@@ -7,9 +7,6 @@ interpreter exit, see tests/optim/test_deepspeed.py); the first DeepSpeed run on
 its shm_comm op (about 25 s, cached under ~/.cache/torch_extensions).
 """
 import json
-import os
-import sys
-import traceback
 
 import pytest
 
@@ -18,7 +15,7 @@ from megatron_alcot.config import ConfigError
 from megatron_alcot.training.train import train
 
 from _tiny import tiny_argv
-from dist_utils import free_port
+from dist_utils import run_distributed_hard_exit
 
 ARGV = tiny_argv(train_iters=4, clip_grad=0.5, eval_iters=1, eval_interval=2)
 
@@ -30,48 +27,13 @@ def _curve(history):
         [(e["loss"], e["lm_loss"], e["mean_latent_steps"]) for e in history.evals]
 
 
-def _worker(rank, world, port, queue, argvs):
-    import torch
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
-    torch.set_num_threads(1)
-    code = 0
-    try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        queue.put((rank, "ok", [_curve(train(argv)) for argv in argvs]))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - report everything to the parent
-        queue.put((rank, "error", traceback.format_exc()))
-        code = 1
-    queue.close()
-    queue.join_thread()          # os._exit skips the queue's flush
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+def _curves(rank, world, argvs):
+    return [_curve(train(argv)) for argv in argvs]
 
 
 def _run(argvs, world=2, timeout=240):
-    import torch.multiprocessing as mp
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.Queue(), free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, queue, argvs)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = {}
-    try:
-        for _ in range(world):
-            rank, status, payload = queue.get(timeout=timeout)
-            if status != "ok":
-                raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    return [results[r] for r in range(world)]
+    return run_distributed_hard_exit(_curves, world, argvs, env={"DS_ACCELERATOR": "cpu"},
+                                     timeout=timeout)
 
 
 def _config(tmp_path, stage):
