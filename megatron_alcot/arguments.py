@@ -25,7 +25,7 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
-from megatron_alcot.config import (LATENT_METHODS, LATENT_READOUTS, LR_DECAY_STYLES,
+from megatron_alcot.config import (LATENT_LOSS_SCOPES, LATENT_METHODS, LATENT_READOUTS, LR_DECAY_STYLES,
                                    RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, ConfigError,
                                    DataConfig, LoggingConfig, ModelConfig, OptimizerConfig,
                                    ParallelConfig, TrainConfig)
@@ -98,9 +98,14 @@ def _specs():
         ("--latent-router-init-prob", m, "latent_router_init_prob", dict(type=float)),
         ("--latent-loss-weight", m, "latent_loss_weight", dict(type=float)),
         ("--latent-loss-beta", m, "latent_loss_beta", dict(type=float)),
+        ("--latent-loss-scope", m, "latent_loss_scope", dict(choices=LATENT_LOSS_SCOPES)),
         ("--latent-readout", m, "latent_readout", dict(choices=LATENT_READOUTS)),
         ("--latent-embed-scale", m, "latent_embed_scale", dict(type=float)),
         ("--latent-prob-chunk", m, "latent_prob_chunk", dict(type=int)),
+        ("--cross-entropy-loss-fusion", m, "cross_entropy_loss_fusion",
+         dict(action="store_true", default=None)),
+        ("--no-cross-entropy-loss-fusion", m, "cross_entropy_loss_fusion",
+         dict(action="store_false", default=None)),
         # --- LLaMA features that are always on (accepted for Megatron scripts) ---
         ("--normalization", None, "normalization", dict(default="RMSNorm")),
         ("--position-embedding-type", None, "position_embedding_type", dict(default="rope")),
@@ -141,6 +146,7 @@ def _specs():
         ("--train-samples", t, "train_samples", dict(type=int)),
         ("--seed", t, "seed", dict(type=int)),
         ("--deterministic", t, "deterministic", dict(action="store_true", default=None)),
+        ("--torch-compile", t, "torch_compile", dict(action="store_true", default=None)),
         # --- optimizer and schedule ---
         ("--optimizer", o, "optimizer", dict(choices=("adam",))),
         ("--lr", o, "lr", dict(type=float)),
@@ -325,6 +331,10 @@ def validate_args(args: Arguments, world_size: int) -> None:
     if args.train.recompute_num_layers and args.train.recompute_num_layers > args.model.num_layers:
         raise ConfigError(f"--recompute-num-layers {args.train.recompute_num_layers} is larger than "
                           f"--num-layers {args.model.num_layers}")
+    if args.train.torch_compile and par.tensor_model_parallel_size > 1:
+        raise ConfigError(f"--torch-compile needs --tensor-model-parallel-size 1 (got "
+                          f"{par.tensor_model_parallel_size}): the tensor-parallel collectives would split "
+                          "every layer's graph")
     _validate_deepspeed(args)
 
 

@@ -18,6 +18,7 @@ from typing import Optional
 
 LATENT_METHODS = ("vanilla", "alcot", "loop", "pause", "ponder")
 LATENT_READOUTS = ("hidden", "prob")
+LATENT_LOSS_SCOPES = ("continued", "decided")
 
 
 class ConfigError(ValueError):
@@ -58,9 +59,11 @@ class ModelConfig:
     latent_router_init_prob: float = 0.9      # --latent-router-init-prob (initial continue prob g)
     latent_loss_weight: float = 0.03          # --latent-loss-weight (λ)
     latent_loss_beta: float = 1.0             # --latent-loss-beta (β)
+    latent_loss_scope: str = "continued"      # --latent-loss-scope {continued,decided}: penalise k < ℓ_t, or every decision incl. the halting one
     latent_readout: str = "hidden"            # --latent-readout {hidden,prob}
     latent_embed_scale: Optional[float] = None  # --latent-embed-scale; None: sqrt(2.5·h), pause/ponder sqrt(h)
     latent_prob_chunk: int = 4096             # --latent-prob-chunk (rows per no-grad target-prob chunk)
+    cross_entropy_loss_fusion: bool = True    # --no-cross-entropy-loss-fusion: LM head + CE in cache-sized row chunks, no [n, V] logits
 
     # --- derived ---------------------------------------------------------------
     @property
@@ -144,6 +147,9 @@ class ModelConfig:
         if self.latent_readout not in LATENT_READOUTS:
             raise ConfigError(f"--latent-readout {self.latent_readout!r} is unknown; "
                               f"choose one of {', '.join(LATENT_READOUTS)}")
+        if self.latent_loss_scope not in LATENT_LOSS_SCOPES:
+            raise ConfigError(f"--latent-loss-scope {self.latent_loss_scope!r} is unknown; "
+                              f"choose one of {', '.join(LATENT_LOSS_SCOPES)}")
         if self.latent_max_steps < 0:
             raise ConfigError(f"--latent-max-steps must be >= 0, got {self.latent_max_steps}")
         if self.latent_method in ("loop", "pause", "ponder") and self.latent_max_steps < 1:
@@ -374,6 +380,7 @@ class TrainConfig:
     max_nan_skips: int = 10                   # --max-nan-skips (consecutive NaN/Inf steps before stopping)
     peak_flops: Optional[float] = None        # --peak-flops (TFLOP/s per device, for MFU)
     deterministic: bool = False               # --deterministic (torch.use_deterministic_algorithms)
+    torch_compile: bool = False               # --torch-compile (compile each transformer layer with torch.compile; TP = 1, no recompute)
 
     def resolved_global_batch(self, dp: int) -> int:
         return self.global_batch_size if self.global_batch_size is not None else self.micro_batch_size * dp
@@ -416,6 +423,9 @@ class TrainConfig:
         if self.recompute_method not in (None,) + RECOMPUTE_METHODS:
             raise ConfigError(f"--recompute-method {self.recompute_method!r} is unknown; "
                               f"choose one of {', '.join(RECOMPUTE_METHODS)}")
+        if self.torch_compile and self.recompute_granularity is not None:
+            raise ConfigError("--torch-compile cannot be combined with --recompute-granularity "
+                              f"{self.recompute_granularity}: drop one of the two")
         if self.recompute_method is not None and self.recompute_granularity != "full":
             raise ConfigError("--recompute-method needs --recompute-granularity full")
         if self.recompute_num_layers is not None:

@@ -53,7 +53,8 @@ _FC1 = "mlp.linear_fc1.weight"
 
 HF_MODEL_TYPE_ALCOT = "llama_alcot"
 HF_LATENT_FIELDS = ("latent_method", "latent_max_steps", "latent_threshold", "latent_router_init_prob",
-                    "latent_loss_weight", "latent_loss_beta", "latent_readout", "latent_embed_scale")
+                    "latent_loss_weight", "latent_loss_beta", "latent_loss_scope", "latent_readout",
+                    "latent_embed_scale")
 
 
 class HFConversionError(ValueError):

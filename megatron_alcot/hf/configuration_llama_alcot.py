@@ -32,6 +32,7 @@ class LlamaAlcotConfig(LlamaConfig):
     latent_router_init_prob: float = 0.9
     latent_loss_weight: float = 0.03
     latent_loss_beta: float = 1.0
+    latent_loss_scope: str = "continued"
     latent_readout: str = "hidden"
     latent_embed_scale: Optional[float] = None
     embed_scale: float = 1.0

@@ -73,9 +73,9 @@ def split_grouped_qkv(qkv: torch.Tensor, groups: int, heads_per_group: int, head
     """Fused rows ``[n, groups·(hpg+2)·d]`` in the grouped layout ``[q..q k v]`` per group ->
     q ``[n, groups·hpg, d]``, k and v ``[n, groups, d]``."""
     n = qkv.shape[0]
-    qkv = qkv.view(n, groups, heads_per_group + 2, head_dim)
-    q = qkv[:, :, :heads_per_group].reshape(n, groups * heads_per_group, head_dim)
-    return q, qkv[:, :, heads_per_group], qkv[:, :, heads_per_group + 1]
+    # split (not slicing) so the backward is one concatenation, not three zero-filled copies.
+    q, k, v = torch.split(qkv.view(n, groups, heads_per_group + 2, head_dim), [heads_per_group, 1, 1], dim=2)
+    return q.reshape(n, groups * heads_per_group, head_dim), k.squeeze(2), v.squeeze(2)
 
 
 class SelfAttention(nn.Module):

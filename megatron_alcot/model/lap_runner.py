@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from megatron_alcot.model.output import LapState, ModelOutput
+from megatron_alcot.model.output import LapState, ModelOutput, masked_mean
 from megatron_alcot.model.router import Routers, check_halting, halting_step
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (chunked_target_prob,
                                                                    vocab_parallel_cross_entropy,
@@ -78,10 +78,6 @@ class LatentMethod(nn.Module):
         raise NotImplementedError
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 class ALCoTContext:
     """Per-micro-batch accumulators of the last stage across laps."""
 
@@ -125,23 +121,26 @@ class ALCoTMethod(LatentMethod):
                                                    k, ctx.halting)
             ctx.g.append(torch.where(lap.active, g, 0.0))
             if ctx.labels is not None and cfg.latent_loss_weight > 0:
-                ctx.penalty = ctx.penalty + self._penalty(model, ctx, h, r_next, cont)
+                ctx.penalty = ctx.penalty + self._penalty(model, ctx, h, r_next, cont, lap.active)
             if bool(cont.any()):
                 next_lap = LapState(h, cont, r_next, k + 1, lap.position_ids)
         else:
             exit_mass = torch.where(lap.active, lap.reach, 0.0)
         ctx.exit.append(exit_mass)
         if cfg.latent_readout == "hidden":
-            term = exit_mass.unsqueeze(-1) * h.float()
+            # Without latent steps every exit mass is 1: skip the multiply (bit-identical).
+            term = h.float() if self.max_steps == 0 else exit_mass.unsqueeze(-1) * h.float()
             ctx.readout = term if ctx.readout is None else ctx.readout + term
         if cfg.latent_readout == "prob" or ctx.return_step_hidden:
             ctx.hidden.append(h)
         return next_lap
 
-    def _penalty(self, model, ctx, h, r_next, cont):
-        """``r_{t,k+1}·sg(p_{t,k}(y_t))^β`` where the token goes on to step k+1 (k < ℓ_t)."""
+    def _penalty(self, model, ctx, h, r_next, cont, active):
+        """``r_{t,k+1}·sg(p_{t,k}(y_t))^β`` for each router decision k of a token: only where it goes
+        on to step k+1 (k < ℓ_t, scope "continued"), or also at the decision that halts it (scope
+        "decided"), which keeps pushing the halting router towards stopping confident tokens."""
         cfg = self.cfg
-        sel = cont & (ctx.loss_mask > 0)
+        sel = (active if cfg.latent_loss_scope == "decided" else cont) & (ctx.loss_mask > 0)
         p = torch.zeros_like(r_next)
         if bool(sel.any()):
             p[sel] = chunked_target_prob(h.detach()[sel], model.output_weight.detach(),
@@ -163,9 +162,13 @@ class ALCoTMethod(LatentMethod):
                            if ctx.g else exit_mass.new_zeros(b, s, 0)),
             step_hidden=ctx.hidden if ctx.return_step_hidden else None)
         if self.cfg.latent_readout == "hidden":
-            logits = model.lm_head(ctx.readout)
-            if ctx.labels is not None:
-                out.per_token_loss = vocab_parallel_cross_entropy(logits, ctx.labels)
+            logits = None
+            if ctx.labels is not None and not ctx.return_logits:
+                out.lm_loss, out.per_token_loss = model.lm_loss(ctx.readout, ctx.labels, ctx.loss_mask)
+            else:
+                logits = model.lm_head(ctx.readout)
+                if ctx.labels is not None:
+                    out.per_token_loss = vocab_parallel_cross_entropy(logits, ctx.labels)
         else:
             # An executed step can carry an exit mass that underflows to 0 (g saturates at 1);
             # clamping keeps log finite there, so its gradient stays 0 instead of inf·0 = NaN.
@@ -186,7 +189,8 @@ class ALCoTMethod(LatentMethod):
         if ctx.return_logits:
             out.logits = logits
         if ctx.labels is not None:
-            out.lm_loss = masked_mean(out.per_token_loss, ctx.loss_mask)
+            if out.lm_loss is None:
+                out.lm_loss = masked_mean(out.per_token_loss, ctx.loss_mask)
             out.latent_loss = self.cfg.latent_loss_weight * masked_mean(ctx.penalty, ctx.loss_mask)
             out.loss = out.lm_loss + out.latent_loss
         return out

@@ -32,7 +32,7 @@ class ModelOutput:
     lm_loss: Optional[torch.Tensor] = None       # masked-mean CE of the readout
     latent_loss: Optional[torch.Tensor] = None   # λ·masked-mean Σ r·sg(p)^β (0 without a router)
     logits: Optional[torch.Tensor] = None        # [b, s, V_padded/tp] vocab-parallel readout logits
-    per_token_loss: Optional[torch.Tensor] = None  # [b, s] fp32 CE of the readout (unmasked)
+    per_token_loss: Optional[torch.Tensor] = None  # [b, s] fp32 CE of the readout (unmasked; detached when fused)
     num_steps: Optional[torch.Tensor] = None     # [b, s] int64 ℓ_t
     exit_mass: Optional[torch.Tensor] = None     # [b, s, ℓmax+1] fp32, rows sum to 1
     step_active: Optional[torch.Tensor] = None   # [ℓmax+1] int64 tokens that executed step k
@@ -41,3 +41,8 @@ class ModelOutput:
     step_executed: Optional[torch.Tensor] = None  # [ℓmax+1, b, s] bool
     kv: Optional[list] = None                    # per lap StepKV of this stage (return_kv)
     extras: dict = field(default_factory=dict)   # method-specific values
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the tokens where ``mask`` > 0 (0 when none)."""
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)

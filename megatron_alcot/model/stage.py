@@ -28,11 +28,13 @@ from torch import nn
 from megatron_alcot.model.attention import LapContext, StepKV, attention_mask
 from megatron_alcot.model.compaction import Compaction
 from megatron_alcot.model.llama import RMSNorm, TransformerLayer, init_parameters, skip_init
-from megatron_alcot.model.output import LapState
+from megatron_alcot.model.output import LapState, masked_mean
 from megatron_alcot.model.rotary import RotaryEmbedding
 from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel import mappings
-from megatron_alcot.parallel.tensor_parallel.cross_entropy import mask_padded_vocab
+from megatron_alcot.parallel.tensor_parallel.cross_entropy import (mask_padded_vocab,
+                                                                   vocab_parallel_cross_entropy)
+from megatron_alcot.parallel.tensor_parallel.fused_linear_cross_entropy import fused_linear_cross_entropy
 from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 
 
@@ -107,6 +109,24 @@ class LlamaModel(nn.Module):
         w = self.output_weight
         logits = F.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w)
         return mask_padded_vocab(logits, self.config.vocab_size)
+
+    def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
+        """``(masked-mean CE, per-token CE)`` of the LM head on ``h [..., h]``.
+
+        With ``cross_entropy_loss_fusion`` and autograd on, the head and the loss run fused over
+        row chunks (``fused_linear_cross_entropy``: no ``[n, V]`` logits, per-token CE detached);
+        otherwise through the logits and the vocab-parallel cross entropy.
+        """
+        w = self.output_weight
+        if self.config.cross_entropy_loss_fusion and torch.is_grad_enabled() and (
+                h.requires_grad or w.requires_grad):
+            mask = loss_mask.float()
+            weights = mask / mask.sum().clamp_min(1.0)
+            chunk = max(32, (1 << 20) // w.shape[0])   # ~4 MB of fp32 logits per chunk
+            return fused_linear_cross_entropy(mappings.copy_to_tensor_model_parallel_region(h), w,
+                                              labels, weights, self.config.vocab_size, chunk)
+        per_token = vocab_parallel_cross_entropy(self.lm_head(h), labels)
+        return masked_mean(per_token, loss_mask.float()), per_token
 
     # --- one lap ------------------------------------------------------------------------------
     def run_lap(self, lap: LapState, past: Sequence[StepKV] = (),

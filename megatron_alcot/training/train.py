@@ -44,6 +44,7 @@ from megatron_alcot.training.ddp import DistributedDataParallel
 from megatron_alcot.training.evaluate import evaluate
 from megatron_alcot.training.flops_meter import FlopsMeter
 from megatron_alcot.training.logging import TrainLogger, memory_bytes
+from megatron_alcot.training.compile import apply_torch_compile
 from megatron_alcot.training.recompute import apply_recompute
 from megatron_alcot.training.timers import Timers
 from megatron_alcot.training.train_step import StepContext, make_forward_step, train_step
@@ -174,6 +175,8 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     if on_model_built is not None:
         on_model_built(model)
     apply_recompute(model, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)
+    if t.torch_compile:
+        apply_torch_compile(model)
     if args.parallel.deepspeed_config is not None:
         ddp, optimizer = _deepspeed_engine(args, model, gbs)
     elif args.parallel.use_distributed_optimizer:

@@ -88,7 +88,7 @@ def naive_forward(model, tokens, labels=None, loss_mask=None, halting="learned")
             if labels is not None:
                 with torch.no_grad():
                     pk = torch.softmax(hk @ out_w.t(), -1).gather(-1, labels[..., None]).squeeze(-1)
-                on = cont & (mask > 0)
+                on = (active if cfg.latent_loss_scope == "decided" else cont) & (mask > 0)
                 pen = pen + torch.where(on, r_next * pk ** cfg.latent_loss_beta, torch.zeros_like(pk))
             reach, active, x = r_next, cont, hk
         else:

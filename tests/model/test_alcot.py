@@ -44,9 +44,10 @@ def _close_grads(actual, expected, names, rtol=2e-5):
         assert ((a - e).abs().max() / scale) < rtol, n
 
 
-@pytest.mark.parametrize("readout", ["hidden", "prob"])
-def test_matches_naive_reference(readout):
-    model = _model(latent_readout=readout)
+@pytest.mark.parametrize("readout,scope", [("hidden", "continued"), ("prob", "continued"),
+                                           ("hidden", "decided")])
+def test_matches_naive_reference(readout, scope):
+    model = _model(latent_readout=readout, latent_loss_scope=scope)
     names = [n for n, _ in model.named_parameters()]
     tokens, labels, mask = _batch()
     modes = ["learned", "never", "always", _pattern] if readout == "hidden" else ["learned", _pattern]
@@ -61,6 +62,24 @@ def test_matches_naive_reference(readout):
         torch.testing.assert_close(out.lm_loss, ref["lm_loss"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out.latent_loss, ref["latent_loss"], atol=1e-7, rtol=1e-5)
         _close_grads(_grads(out.loss, model), _grads(ref["loss"], model), names)
+
+
+def test_decided_scope_also_penalises_the_halting_decision():
+    """Scope "decided" adds the halting decision's term, so the router that stops a token still
+    gets the penalty's gradient; "continued" leaves that router without one."""
+    tokens, labels, mask = _batch()
+    outs = {}
+    for scope in ("continued", "decided"):
+        torch.manual_seed(0)
+        model = _model(latent_loss_scope=scope)
+        out = model(tokens, labels=labels, loss_mask=mask)
+        outs[scope] = out
+        last = model.latent.routers[0].bias
+        (g,) = torch.autograd.grad(out.latent_loss, [last])
+        outs[scope + "_grad"] = g
+    assert torch.equal(outs["continued"].num_steps, outs["decided"].num_steps)
+    assert outs["decided"].latent_loss > outs["continued"].latent_loss
+    assert (outs["decided_grad"] > outs["continued_grad"]).all()
 
 
 def test_exit_mass_matches_direct_formula():

@@ -33,7 +33,8 @@ from megatron_alcot.utils.atomic import atomic_directory  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 LATENT_FLAGS = ("latent_method", "latent_max_steps", "latent_threshold", "latent_router_init_prob",
-                "latent_loss_weight", "latent_loss_beta", "latent_readout", "latent_embed_scale")
+                "latent_loss_weight", "latent_loss_beta", "latent_loss_scope", "latent_readout",
+                "latent_embed_scale")
 
 
 class ImportError_(RuntimeError):
@@ -149,6 +150,7 @@ def get_args(argv=None):
     p.add_argument("--latent-router-init-prob", type=float, default=None)
     p.add_argument("--latent-loss-weight", type=float, default=None)
     p.add_argument("--latent-loss-beta", type=float, default=None)
+    p.add_argument("--latent-loss-scope", default=None, choices=("continued", "decided"))
     p.add_argument("--latent-readout", default=None)
     p.add_argument("--latent-embed-scale", type=float, default=None,
                    help="token-embedding scale s (default for a stock LLaMA: 1, i.e. unchanged)")

@@ -50,7 +50,10 @@ class FixedDepthMethod(LatentMethod):
         return FixedDepthContext(b, s, lap.active.device, labels, loss_mask, return_logits)
 
     def finish(self, model, ctx: FixedDepthContext) -> ModelOutput:
-        logits = ctx.logits if ctx.logits is not None else model.lm_head(ctx.final_hidden)
+        fused = ctx.logits is None and ctx.labels is not None and not ctx.return_logits
+        logits = None
+        if not fused:
+            logits = ctx.logits if ctx.logits is not None else model.lm_head(ctx.final_hidden)
         b, s = ctx.loss_mask.shape
         k1 = self.max_steps + 1
         device = ctx.loss_mask.device
@@ -63,8 +66,11 @@ class FixedDepthMethod(LatentMethod):
         if ctx.return_logits:
             out.logits = logits
         if ctx.labels is not None:
-            out.per_token_loss = vocab_parallel_cross_entropy(logits, ctx.labels)
-            out.lm_loss = masked_mean(out.per_token_loss, ctx.loss_mask)
+            if fused:
+                out.lm_loss, out.per_token_loss = model.lm_loss(ctx.final_hidden, ctx.labels, ctx.loss_mask)
+            else:
+                out.per_token_loss = vocab_parallel_cross_entropy(logits, ctx.labels)
+                out.lm_loss = masked_mean(out.per_token_loss, ctx.loss_mask)
             out.latent_loss = torch.zeros((), device=device)
             out.loss = out.lm_loss + out.latent_loss
         return out

@@ -1,0 +1,104 @@
+"""LM head and cross entropy in one pass over row chunks, without the ``[n, V]`` logits.
+
+    loss, per_token = fused_linear_cross_entropy(hidden, weight_parallel, target, weights,
+                                                 vocab_size=32000, chunk_rows=1024)
+    loss.backward()          # d loss / d hidden and d loss / d weight, computed in the forward
+
+``loss = Σ_t weights_t · CE_t`` (e.g. ``weights = loss_mask / loss_mask.sum()``) with
+``logits = hidden @ weight_parallel.T``; ``per_token`` holds the detached ``CE_t`` (fp32) for logging
+and analysis. Because the loss is a weighted sum, the gradient of every chunk is known as soon as
+its logits are: ``(softmax - onehot) · weights_t``. Each chunk's logits, softmax and gradient stay
+in cache, and the backward only scales the two stored gradients by the incoming scalar. The matmul
+FLOPs are those of the unfused path; what goes away is several full passes over ``n x V`` fp32
+tensors (the upcast, max, exp, normalise, one-hot subtraction, the gradient's downcast).
+
+Tensor parallel: ``weight_parallel`` is this rank's vocab slice ``[V/tp, h]`` and ``hidden`` must be
+replicated and have passed through ``copy_to_tensor_model_parallel_region`` (whose backward sums
+the per-rank ``d hidden``); three small all-reduces per chunk give the global max, normaliser and
+target logit. Vocabulary padding (ids >= ``vocab_size``) takes no mass, as in the model's LM head.
+Under autocast the matmuls run in the autocast dtype and everything else in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_alcot.parallel import state
+from megatron_alcot.parallel.tensor_parallel.cross_entropy import (_all_reduce, _local_target,
+                                                                   mask_padded_vocab)
+
+
+def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
+    dev = t.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
+
+
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return mask_padded_vocab((h @ weight.t()).float(), vocab_size)
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, weights, vocab_size, chunk_rows):
+        shape = target.shape
+        h_all = hidden.reshape(-1, hidden.shape[-1])
+        target = target.reshape(-1)
+        w_rows = weights.reshape(-1).float()
+        mm_dtype = _matmul_dtype(weight)
+        w_mm = weight.to(mm_dtype)
+        local, outside = _local_target(target, weight.shape[0])
+        per_token = torch.empty(target.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty(h_all.shape, dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for r0 in range(0, h_all.shape[0], chunk_rows):
+                h = h_all[r0:r0 + chunk_rows].to(mm_dtype)
+                rows = slice(r0, r0 + h.shape[0])
+                logits = _chunk_logits(h, w_mm, vocab_size)
+                row_max = _all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
+                logits.sub_(row_max.unsqueeze(-1))
+                idx = local[rows].unsqueeze(-1)
+                picked = _all_reduce(logits.gather(-1, idx).squeeze(-1).masked_fill(outside[rows], 0.0))
+                probs = logits.exp_()
+                sum_exp = _all_reduce(probs.sum(dim=-1))
+                per_token[rows] = sum_exp.log() - picked
+                # d/d logits of w·CE = w·(softmax - onehot), built in place over the chunk.
+                probs.mul_((w_rows[rows] / sum_exp).unsqueeze(-1))
+                probs.scatter_add_(-1, idx, (-w_rows[rows] * (~outside[rows]).float()).unsqueeze(-1))
+                if mm_dtype == torch.float32:     # BLAS accumulates in place: no extra pass
+                    torch.mm(probs, w_mm, out=grad_hidden[rows])
+                    grad_weight.addmm_(probs.t(), h)
+                else:
+                    g = probs.to(mm_dtype)
+                    grad_hidden[rows] = g @ w_mm
+                    grad_weight += g.t() @ h
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.hidden_shape = hidden.shape
+        loss = (per_token * w_rows).sum()
+        per_token = per_token.view(shape)
+        ctx.mark_non_differentiable(per_token)
+        return loss, per_token
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_per_token):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_loss.float()
+        return ((grad_hidden * scale).to(ctx.dtypes[0]).view(ctx.hidden_shape),
+                (grad_weight * scale).to(ctx.dtypes[1]), None, None, None, None)
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight_parallel: torch.Tensor,
+                               target: torch.Tensor, weights: torch.Tensor, vocab_size: int,
+                               chunk_rows: int = 1024):
+    """``(Σ weights·CE, detached per-token CE)`` of ``hidden @ weight_parallel.T``; see the module doc."""
+    if hidden.shape[:-1] != target.shape or weights.shape != target.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)}, target {tuple(target.shape)} and weights "
+                         f"{tuple(weights.shape)} must agree on the token dimensions")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return _FusedLinearCrossEntropy.apply(hidden, weight_parallel, target, weights, int(vocab_size),
+                                          int(chunk_rows))
+
+
+__all__ = ["fused_linear_cross_entropy"]
