@@ -1,5 +1,7 @@
 """``--torch-compile`` trains the same curve as eager mode (vanilla and ALCoT, whose compacted
 shapes vary between laps), and the combinations it cannot join are refused before any compute."""
+import shutil
+
 import pytest
 
 from _tiny import tiny_argv
@@ -12,6 +14,8 @@ def _curve(history):
     return [(s["loss"], s["grad_norm"], s.get("mean_latent_steps")) for s in history.steps]
 
 
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor needs a C++ compiler on CPU")
 @pytest.mark.parametrize("method", ["vanilla", "alcot"])
 def test_compiled_layers_follow_the_eager_curve(method):
     kw = dict(latent_method=method, train_iters=3, latent_threshold=0.5)
