@@ -32,11 +32,11 @@ if ROOT not in sys.path:
 
 from bench.paper import analysis, plots, report  # noqa: E402
 from bench.paper.corpus import build_debian_corpus, count_documents, prepare_data  # noqa: E402
-from bench.paper.presets import (DEFAULT_INVESTIGATIONS, INVESTIGATIONS, METHODS, PRESETS, method_argv, sweep_method,  # noqa: E402
-                                 with_iters)
+from bench.paper.presets import (ALCOT_BETA, ALCOT_LAMBDA, DEFAULT_INVESTIGATIONS,  # noqa: E402
+                                 INVESTIGATIONS, METHODS, PRESETS, method_argv, sweep_method, with_iters)
 from bench.paper.runs import load_tokens, run_training  # noqa: E402
 
-DEFAULT_LAMBDA, DEFAULT_BETA = 0.03, 1.0
+DEFAULT_LAMBDA, DEFAULT_BETA = ALCOT_LAMBDA, ALCOT_BETA
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,10 +203,28 @@ def _group_wall_seconds(results, runs_dir) -> dict:
 
 
 def _difficulty(results, runs_dir):
+    """The full analysis of the table's ALCoT ℓmax=3 run; also ρ for every sweep point and every
+    ALCoT variant against the vanilla run of the same recipe (stored as ``spearman_vs_vanilla``)."""
     runs = results["runs"]
     if "alcot3" not in runs or "vanilla" not in runs:
         return None
-    return analysis.difficulty_analysis(load_tokens(runs_dir, "alcot3"), load_tokens(runs_dir, "vanilla"))
+    vanilla = {"vanilla": load_tokens(runs_dir, "vanilla")}
+    refs = {v.name: v.reference for v in INVESTIGATIONS}
+    for group in ("sweep", "investigate"):
+        for name, rec in results[group].items():
+            ref = refs.get(name, "vanilla")
+            if not rec.get("valid_mean_latent_steps") or rec.get("method") != "alcot":
+                continue
+            if ref not in vanilla:
+                if not os.path.exists(os.path.join(runs_dir, f"{ref}_tokens.npz")):
+                    continue
+                vanilla[ref] = load_tokens(runs_dir, ref)
+            try:
+                d = analysis.difficulty_analysis(load_tokens(runs_dir, name), vanilla[ref])
+            except ValueError:      # validation passes of different lengths: not comparable
+                continue
+            rec["spearman_vs_vanilla"] = d["spearman_steps_vs_vanilla_loss"]
+    return analysis.difficulty_analysis(load_tokens(runs_dir, "alcot3"), vanilla["vanilla"])
 
 
 def _write_report(results, opts):

@@ -35,8 +35,12 @@ class SizePreset:
     description: str = ""
 
 
-SWEEP_CPU = ((0.0, 1.0), (0.3, 1.0), (0.3, 2.0))
-SWEEP_FULL = tuple((lam, beta) for lam in (0.0, 0.03, 0.1, 0.3) for beta in (0.5, 1.0, 2.0))
+# The table's ALCoT loss: λ, β and the penalty's scope. "decided" also penalises the decision that
+# halts a token (method.md's pseudo-code); with the framework's defaults (λ 0.03, "continued") the
+# routers of this small model barely react to difficulty (the variants below show both).
+ALCOT_LAMBDA, ALCOT_BETA, ALCOT_SCOPE = 0.5, 1.0, "decided"
+SWEEP_CPU = ((0.0, 1.0), (0.1, 1.0), (1.0, 1.0), (2.0, 1.0), (0.5, 2.0))
+SWEEP_FULL = tuple((lam, beta) for lam in (0.0, 0.1, 0.3, 0.5, 1.0) for beta in (0.5, 1.0, 2.0))
 
 PRESETS: Dict[str, SizePreset] = {
     "smoke": SizePreset("smoke", 2, 32, 2, 96, 32, 4, 4, 6, 2e-3, 1024, 2, 2, bf16=True,
@@ -60,21 +64,27 @@ class Method:
     layer_factor: int = 1
 
 
+def alcot_loss_flags(lam: float = ALCOT_LAMBDA, beta: float = ALCOT_BETA, scope: str = ALCOT_SCOPE) -> tuple:
+    return ("--latent-loss-scope", scope, "--latent-loss-weight", f"{lam:g}", "--latent-loss-beta", f"{beta:g}")
+
+
+ALCOT_LOSS = alcot_loss_flags()
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("vanilla", "vanilla", ("--latent-method", "vanilla")),
     Method("loop", "loop (K=3)", ("--latent-method", "loop", "--latent-max-steps", "3")),
     Method("pause", "pause (K=3)", ("--latent-method", "pause", "--latent-max-steps", "3")),
     Method("ponder", "PonderLM (K=3)", ("--latent-method", "ponder", "--latent-max-steps", "3")),
-    Method("alcot3", "ALCoT ℓmax=3", ("--latent-method", "alcot", "--latent-max-steps", "3")),
-    Method("alcot5", "ALCoT ℓmax=5", ("--latent-method", "alcot", "--latent-max-steps", "5")),
+    Method("alcot3", "ALCoT ℓmax=3", ("--latent-method", "alcot", "--latent-max-steps", "3",
+                                       *ALCOT_LOSS)),
+    Method("alcot5", "ALCoT ℓmax=5", ("--latent-method", "alcot", "--latent-max-steps", "5",
+                                       *ALCOT_LOSS)),
     Method("vanilla_2x", "vanilla, 2x layers", ("--latent-method", "vanilla"), layer_factor=2),
 )}
 
 
 def sweep_method(lam: float, beta: float) -> Method:
     return Method(f"sweep_l{lam:g}_b{beta:g}", f"ALCoT ℓmax=3 λ={lam:g} β={beta:g}",
-                  METHODS["alcot3"].flags + ("--latent-loss-weight", f"{lam:g}",
-                                             "--latent-loss-beta", f"{beta:g}"))
+                  ("--latent-method", "alcot", "--latent-max-steps", "3") + alcot_loss_flags(lam, beta))
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,10 @@ INVESTIGATIONS: List[Variant] = [
     # gives vanilla the same input scale, to separate the scale from the latent steps.
     Variant("inv_vanilla_embed_scaled", "vanilla with ALCoT's embedding scale sqrt(2.5·h)", "vanilla",
             ("--latent-embed-scale", "{embed_scale}")),
+    Variant("inv_alcot_scope_continued", "ALCoT, penalty only where the token goes on (DESIGN's Σ_{k<ℓ_t})",
+            "alcot3", ("--latent-loss-scope", "continued")),
+    Variant("inv_alcot_default_loss", "ALCoT, the framework's default loss (λ=0.03, β=1, continued)", "alcot3",
+            alcot_loss_flags(0.03, 1.0, "continued")),
     Variant("inv_vanilla_2xiters", "vanilla, 2x tokens", "vanilla", iters_factor=2.0),
     Variant("inv_alcot_2xiters", "ALCoT, 2x tokens", "alcot3", iters_factor=2.0,
             reference="inv_vanilla_2xiters"),

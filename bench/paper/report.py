@@ -84,14 +84,51 @@ def findings(results: dict) -> List[str]:
 def sweep_table(sweep: Dict[str, dict], runs: Dict[str, dict]) -> List[str]:
     van = runs.get("vanilla", {})
     lines = ["| λ | β | valid ppl | vs vanilla | mean latent steps | executed share of ℓmax | depth share ℓ=0/1/2/3 "
-             "| training FLOPs |", "|---|---|---|---|---|---|---|---|"]
+             "| training FLOPs | ρ(steps, vanilla loss) |", "|---|---|---|---|---|---|---|---|---|"]
     for rec in sorted(sweep.values(), key=lambda r: (r["lambda"], r["beta"])):
         m = rec.get("valid_mean_latent_steps")
         lines.append(f"| {rec['lambda']:g} | {rec['beta']:g} | {_f(rec.get('valid_ppl'))} | "
                      f"{_f(_rel(rec.get('valid_ppl'), van.get('valid_ppl')), '{:+.1f}%')} | {_f(m, '{:.3f}')} | "
                      f"{_f(m / 3 if m is not None else None, '{:.2f}')} | {_share(rec.get('valid_depth_share'))} | "
-                     f"{_flops(rec.get('train_flops'))} |")
+                     f"{_flops(rec.get('train_flops'))} | {_f(rec.get('spearman_vs_vanilla'), '{:.3f}')} |")
     return lines
+
+
+def _argv_value(argv: List[str], flag: str, default: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
+def alcot_loss_sentence(rec: Optional[dict], default_corpus: bool = True) -> str:
+    """The ALCoT runs' adaptive-loss settings, read from the run's own flags."""
+    if not rec or not rec.get("argv"):
+        return ""
+    argv = rec["argv"]
+    lam = _argv_value(argv, "--latent-loss-weight", "0.03")
+    beta = _argv_value(argv, "--latent-loss-beta", "1")
+    scope = _argv_value(argv, "--latent-loss-scope", "continued")
+    tau = _argv_value(argv, "--latent-threshold", "0.1")
+    return (f" ALCoT (both ℓmax) trains with λ={lam}, β={beta}, τ={tau} and the penalty on every router "
+            f"decision (`--latent-loss-scope {scope}`)" if scope == "decided" else
+            f" ALCoT (both ℓmax) trains with λ={lam}, β={beta}, τ={tau}, penalty scope `{scope}`") + (
+            "; these settings were picked from the sweep and the variants, which read the default corpus's "
+            "validation split, so for them that corpus is not untuned (rerun with `--input` on another)."
+            if default_corpus else "; these are the benchmark's settings, picked on its default corpus, "
+            "not on this one.")
+
+
+def lambda_monotone(sweep: Dict[str, dict]) -> Optional[bool]:
+    """Whether mean latent steps fall strictly as λ rises at the sweep's most common β (None: < 3 points)."""
+    by_beta: Dict[float, list] = {}
+    for r in sweep.values():
+        if r.get("valid_mean_latent_steps") is not None:
+            by_beta.setdefault(r["beta"], []).append(r)
+    if not by_beta:
+        return None
+    rs = sorted(max(by_beta.values(), key=len), key=lambda r: r["lambda"])
+    if len(rs) < 3:
+        return None
+    steps = [r["valid_mean_latent_steps"] for r in rs]
+    return all(a > b for a, b in zip(steps, steps[1:]))
 
 
 def difficulty_section(diff: dict) -> List[str]:
@@ -119,6 +156,9 @@ def difficulty_section(diff: dict) -> List[str]:
             lines[-1] += (f" Hardest bin (vanilla p < {bins[0][1]:g}): {bins[0][3]:.3f} steps; easiest bin "
                           f"(p ≥ {bins[-1][0]:g}): {bins[-1][3]:.3f}; lowest in between: {low[3]:.3f} at "
                           f"[{low[0]:g}, {low[1]:g}).")
+            falls = sum(a[3] >= b[3] for a, b in zip(bins, bins[1:]))
+            lines[-1] += (f" From the hardest bin to the easiest, the mean steps fall or stay level at {falls} of "
+                          f"{len(bins) - 1} bin boundaries.")
             if bins[-1][3] > low[3] and bins[0][3] > low[3]:
                 lines[-1] += (" The relation is U-shaped, not monotone: the tokens the model is most sure of also "
                               "run long, so the router is not yet the difficulty detector the paper describes.")
@@ -143,11 +183,14 @@ def gap_table(runs: Dict[str, dict]) -> List[str]:
     return lines
 
 
-def investigate_table(inv: Dict[str, dict], runs: Dict[str, dict]) -> List[str]:
+def investigate_table(inv: Dict[str, dict], runs: Dict[str, dict], rho: Optional[float] = None) -> List[str]:
     lines = ["| variant | valid ppl | reference (same recipe) | vs reference | mean latent steps "
-             "| training FLOPs | tokens seen |", "|---|---|---|---|---|---|---|"]
+             "| ρ(steps, vanilla loss) | training FLOPs | tokens seen |", "|---|---|---|---|---|---|---|---|"]
     pool = dict(runs, **inv)
-    rows = [("ALCoT ℓmax=3 (the table's run)", runs.get("alcot3"), runs.get("vanilla"))]
+    table_run = runs.get("alcot3")
+    if table_run and rho is not None:
+        table_run = dict(table_run, spearman_vs_vanilla=rho)
+    rows = [("ALCoT ℓmax=3 (the table's run)", table_run, runs.get("vanilla"))]
     rows += [(rec["label"], rec, pool.get(rec.get("reference", "vanilla"))) for rec in inv.values()]
     for label, rec, ref in rows:
         if not rec:
@@ -157,13 +200,14 @@ def investigate_table(inv: Dict[str, dict], runs: Dict[str, dict]) -> List[str]:
             lines.append(f"| {label} | **failed** | {_f(ref.get('valid_ppl') if ref else None)} "
                          f"({ref['label'] if ref else 'n/a'}) | "
                          f"diverged: {rec['failed'].split(';')[0]} "
-                         f"| — | {_flops(rec.get('train_flops'))} (executed before stopping) | "
+                         f"| — | — | {_flops(rec.get('train_flops'))} (executed before stopping) | "
                          f"{rec.get('tokens_seen') or 0:,} |")
             continue
         lines.append(f"| {label} | {_f(rec.get('valid_ppl'))} | {_f(ref.get('valid_ppl') if ref else None)} "
                      f"({ref['label'] if ref else 'n/a'}) | "
                      f"{_verdict(rec.get('valid_ppl'), ref.get('valid_ppl') if ref else None, name=who, ref='reference')} | "
                      f"{_f(rec.get('valid_mean_latent_steps'), '{:.3f}') if rec.get('method') == 'alcot' else '—'} | "
+                     f"{_f(rec.get('spearman_vs_vanilla'), '{:.3f}') if rec.get('method') == 'alcot' else '—'} | "
                      f"{_flops(rec.get('train_flops'))} | {rec['tokens_seen']:,} |")
     return lines
 
@@ -217,6 +261,25 @@ def summary(results: dict) -> List[str]:
         ppls = [r.get("valid_ppl") for r in sw.values() if r.get("valid_ppl") is not None]
         out.append(f"- Across the λ/β sweep the mean latent steps range over {min(steps):.2f}–{max(steps):.2f} and "
                    f"perplexity over {min(ppls):.2f}–{max(ppls):.2f}.")
+    diff = results.get("difficulty") or {}
+    rho = diff.get("spearman_steps_vs_vanilla_loss")
+    if isinstance(rho, float) and math.isfinite(rho):
+        out.append(f"- Difficulty tracking: Spearman ρ(latent steps, vanilla loss) = {rho:.3f} over "
+                   f"{diff.get('tokens', 0):,} validation tokens ({'meets' if rho >= 0.3 else 'misses'} the "
+                   "target ρ ≥ 0.3).")
+    mono = lambda_monotone(sw)
+    if mono is not None:
+        out.append(f"- Mean latent steps {'fall' if mono else 'do not fall'} monotonically as λ rises "
+                   "(sweep at fixed β).")
+    for name, label in (("loop", "loop"), ("pause", "pause"), ("ponder", "PonderLM")):
+        other = runs.get(name)
+        if other and other.get("valid_ppl") and a3.get("valid_ppl"):
+            better = a3["valid_ppl"] <= other["valid_ppl"]
+            cheaper = a3["train_flops"] <= other["train_flops"]
+            out.append(f"- Against {label}: ALCoT ℓmax=3 perplexity {'no higher' if better else '**higher**'} "
+                       f"({a3['valid_ppl']:.2f} vs {other['valid_ppl']:.2f}) with "
+                       f"{'no more' if cheaper else '**more**'} training FLOPs "
+                       f"({a3['train_flops'] / other['train_flops']:.2f}x).")
     x2 = runs.get("vanilla_2x")
     if x2:
         out.append(f"- The 2x-layer vanilla reaches {x2['valid_ppl']:.2f} "
@@ -280,8 +343,14 @@ def interpretation(results: dict) -> List[str]:
     share = a3.get("valid_depth_share") or []
     first = next((k for k, x in enumerate(share) if x > 0.001), None)
     if first:
-        out.append(f"- No validation token (beyond 0.1%) stops before {first} latent steps: the router has not yet "
-                   "learned zero-length trajectories for easy tokens; the pruning it does is at the last step.")
+        line = (f"- No validation token (beyond 0.1%) stops before {first} latent step{'s' if first > 1 else ''}: "
+                "the router has not learned zero-length trajectories for easy tokens")
+        if first == len(share) - 2:
+            line += "; the pruning it does is at the last step"
+        zero = sorted(r["lambda"] for r in results.get("sweep", {}).values()
+                      if (r.get("valid_depth_share") or [0])[0] > 0.001)
+        line += (f". In the sweep they appear from λ = {zero[0]:g} on." if zero else ".")
+        out.append(line)
     for other, label in ((loop, "loop (K=3)"), (runs.get("alcot5"), "ALCoT ℓmax=5"), (runs.get("ponder"), "PonderLM")):
         if other and other is not a3 and _gap(a3, other) is not None:
             out.append(f"- ALCoT ℓmax=3 vs {label}: {_gap(a3, other):+.1f}% perplexity at "
@@ -352,8 +421,8 @@ def run_record(results: dict) -> List[str]:
               if r.get("reused")]
     if reused:
         lines.append(f"- {len(set(reused))} runs were reused from earlier invocations (each record is reused only "
-                     "when its run's flags are identical); their wall times are those of the invocation that "
-                     "trained them.")
+                     "when its run's flags and the trainer's source fingerprint are identical); their wall "
+                     "times are those of the invocation that trained them.")
     for name, d in (results.get("determinism") or {}).items():
         lines.append(f"- Determinism: `{name}` trained a second time from scratch gave "
                      f"{'identical' if d['identical'] else '**different**'} numbers (valid ppl "
@@ -374,7 +443,9 @@ def render(results: dict, figures: Dict[str, str]) -> str:
            f"global batch {cfg.get('global_batch_size')}, {cfg.get('iters')} iterations, lr {cfg.get('lr')} cosine "
            f"to 10%, AdamW (0.9, 0.95), weight decay 0.1, vocabulary {data.get('vocab_size')}. Every method trains "
            "the same shape on the same samples in the same order through `pretrain_alcot.py`'s `train()`; "
-           "`vanilla, 2x layers` is the compute-matched reference with about twice the parameters.", "",
+           "`vanilla, 2x layers` is the compute-matched reference with about twice the parameters."
+           + alcot_loss_sentence(results.get("runs", {}).get("alcot3"),
+                                 "--input" not in str(data.get("source", ""))), "",
            f"**Data**: {data.get('source', 'n/a')}; {data.get('documents', 0):,} documents, "
            f"{data.get('bytes', 0) / 1e6:.1f} MB. `--split {data.get('split')}`: training documents "
            f"{data.get('train_documents')}, validation documents {data.get('valid_documents')} (disjoint; the "
@@ -415,7 +486,8 @@ def render(results: dict, figures: Dict[str, str]) -> str:
         out += ["## What changes the ALCoT–vanilla gap: variants (`--investigate`)", "",
                 "Each variant changes one thing; its reference is the vanilla model trained with the same "
                 "recipe (same tokens, lr and length).", ""]
-        out += investigate_table(results["investigate"], results.get("runs", {})) + [""]
+        out += investigate_table(results["investigate"], results.get("runs", {}),
+                                 (results.get("difficulty") or {}).get("spearman_steps_vs_vanilla_loss")) + [""]
         out += investigate_findings(results["investigate"], results.get("runs", {})) + [""]
     if interpretation(results):
         out += ["## What the numbers suggest", ""] + interpretation(results) + [""]

@@ -11,10 +11,13 @@
 * the per-token results of the final validation pass: readout loss, executed latent steps and
   loss mask of every validation token, saved as ``{name}_tokens.npz`` for the difficulty analysis.
 
-A run whose record exists with the same flags is not trained again (``force=True`` retrains).
+A run whose record exists with the same flags and the same trainer source (``code_fingerprint``) is
+not trained again (``force=True`` retrains); a record left by other code is retrained.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import time
@@ -57,6 +60,23 @@ class _Recorder:
         self.eval_batches.append((loss, steps, mask, labels.detach().cpu() if labels is not None else None))
 
 
+@functools.lru_cache(maxsize=None)
+def code_fingerprint() -> str:
+    """sha256 of the ``megatron_alcot`` package's Python sources (what a run's numbers depend on)."""
+    import megatron_alcot
+    root = os.path.dirname(os.path.abspath(megatron_alcot.__file__))
+    digest = hashlib.sha256()
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for fn in sorted(filenames):
+            if fn.endswith(".py"):
+                path = os.path.join(dirpath, fn)
+                digest.update(os.path.relpath(path, root).encode() + b"\0")
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+    return digest.hexdigest()[:16]
+
+
 def _cat(items, dtype):
     return np.concatenate([np.asarray(x, dtype=dtype).reshape(-1) for x in items]) if items else \
         np.zeros(0, dtype)
@@ -70,7 +90,7 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
     if not force and os.path.exists(rec_path):
         with open(rec_path) as f:
             rec = json.load(f)
-        if rec.get("argv") == list(argv):
+        if rec.get("argv") == list(argv) and rec.get("code") == code_fingerprint():
             rec["reused"] = True
             return rec
     from megatron_alcot.training.train import train
@@ -86,7 +106,8 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
         except NanSkipLimitError as exc:
             # A diverged run is a result too: record it (and what it executed) instead of stopping the table.
             return _save(rec_path, {
-                "name": name, "label": label or name, "argv": list(argv), "failed": str(exc),
+                "name": name, "label": label or name, "argv": list(argv), "code": code_fingerprint(),
+                "failed": str(exc),
                 "method": _flag(argv, "--latent-method", "alcot"), "valid_ppl": None, "valid_lm_loss": None,
                 "valid_mean_latent_steps": None, "valid_depth_share": None, "evals": [],
                 "tokens_seen": recorder.train_tokens, "train_flops": recorder.train_flops,
@@ -105,7 +126,7 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
               "labels": _cat([b[3] for b in batches if b[3] is not None], np.int32)}
     np.savez_compressed(os.path.join(out_dir, f"{name}_tokens.npz"), **tokens)
     rec = {
-        "name": name, "label": label or name, "argv": list(argv),
+        "name": name, "label": label or name, "argv": list(argv), "code": code_fingerprint(),
         "method": cfg["model"]["latent_method"], "latent_max_steps": cfg["model"]["latent_max_steps"],
         "num_layers": cfg["model"]["num_layers"], "parameters": params,
         "non_embedding_parameters": params - embed,
