@@ -33,11 +33,9 @@ if ROOT not in sys.path:
 from bench.paper import analysis, plots, report  # noqa: E402
 from bench.paper.corpus import build_debian_corpus, count_documents, prepare_data  # noqa: E402
 from bench.paper.presets import (ALCOT_BETA, ALCOT_LAMBDA, DEFAULT_INVESTIGATIONS,  # noqa: E402
-                                 INVESTIGATIONS, METHODS, PRESETS, method_argv, sweep_method, with_iters)
+                                 INVESTIGATIONS, METHODS, PRESETS, flag_value, method_argv, sweep_method,
+                                 with_iters)
 from bench.paper.runs import load_tokens, run_training  # noqa: E402
-
-DEFAULT_LAMBDA, DEFAULT_BETA = ALCOT_LAMBDA, ALCOT_BETA
-
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -94,7 +92,7 @@ def _plan(opts, spec, data, out):
         plan.append(("runs", name, m.label, method_argv(spec, m, data, opts.seed, spec.iters, out), {}))
     if not opts.skip_sweep and "alcot3" in opts.methods:
         for lam, beta in spec.sweep:
-            if (lam, beta) == (DEFAULT_LAMBDA, DEFAULT_BETA):
+            if (lam, beta) == (ALCOT_LAMBDA, ALCOT_BETA):
                 continue           # the table's own ALCoT ℓmax=3 run is this point
             m = sweep_method(lam, beta)
             plan.append(("sweep", m.name, m.label, method_argv(spec, m, data, opts.seed, spec.iters, out),
@@ -126,9 +124,9 @@ def _one_run(item, runs_dir, force):
 def _cost(item) -> float:
     """Rough relative cost, so the longest runs start first when several run side by side."""
     argv = item[3]
-    get = lambda flag, default: argv[argv.index(flag) + 1] if flag in argv else default  # noqa: E731
-    steps = 0 if get("--latent-method", "vanilla") == "vanilla" else int(get("--latent-max-steps", "3"))
-    return int(get("--num-layers", "1")) * (1 + steps) * int(get("--train-iters", "1"))
+    steps = 0 if flag_value(argv, "--latent-method", "vanilla") == "vanilla" else \
+        int(flag_value(argv, "--latent-max-steps", "3"))
+    return int(flag_value(argv, "--num-layers", "1")) * (1 + steps) * int(flag_value(argv, "--train-iters", "1"))
 
 
 def _train_all(plan, runs_dir, opts, start):
@@ -320,7 +318,7 @@ def main(argv=None) -> int:
         results[group] = {name: results[group][name] for g, name, *_ in plan if g == group}
     stage_seconds["training"] = time.time() - t
     if results["sweep"] and "alcot3" in results["runs"]:
-        base = dict(results["runs"]["alcot3"], **{"lambda": DEFAULT_LAMBDA, "beta": DEFAULT_BETA})
+        base = dict(results["runs"]["alcot3"], **{"lambda": ALCOT_LAMBDA, "beta": ALCOT_BETA})
         results["sweep"] = {"alcot3": base, **results["sweep"]}
     results["difficulty"] = _difficulty(results, runs_dir)
     results["determinism"] = _verify(plan, opts.verify_determinism, results, runs_dir)

@@ -150,5 +150,10 @@ def method_argv(spec: SizePreset, method: Method, data: dict, seed: int, iters: 
     return argv + list(method.flags) + list(extra)
 
 
+def flag_value(argv, flag: str, default: str) -> str:
+    """The value given to ``flag`` in a run's flag list, or ``default``."""
+    return argv[argv.index(flag) + 1] if flag in argv else default
+
+
 def with_iters(spec: SizePreset, iters: int) -> SizePreset:
     return replace(spec, iters=iters) if iters else spec

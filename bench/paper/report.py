@@ -12,6 +12,8 @@ import math
 import os
 from typing import Dict, List, Optional
 
+from bench.paper.presets import flag_value
+
 
 def _f(x, fmt="{:.2f}") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
@@ -94,19 +96,15 @@ def sweep_table(sweep: Dict[str, dict], runs: Dict[str, dict]) -> List[str]:
     return lines
 
 
-def _argv_value(argv: List[str], flag: str, default: str) -> str:
-    return argv[argv.index(flag) + 1] if flag in argv else default
-
-
 def alcot_loss_sentence(rec: Optional[dict], default_corpus: bool = True) -> str:
     """The ALCoT runs' adaptive-loss settings, read from the run's own flags."""
     if not rec or not rec.get("argv"):
         return ""
     argv = rec["argv"]
-    lam = _argv_value(argv, "--latent-loss-weight", "0.03")
-    beta = _argv_value(argv, "--latent-loss-beta", "1")
-    scope = _argv_value(argv, "--latent-loss-scope", "continued")
-    tau = _argv_value(argv, "--latent-threshold", "0.1")
+    lam = flag_value(argv, "--latent-loss-weight", "0.03")
+    beta = flag_value(argv, "--latent-loss-beta", "1")
+    scope = flag_value(argv, "--latent-loss-scope", "continued")
+    tau = flag_value(argv, "--latent-threshold", "0.1")
     return (f" ALCoT (both ℓmax) trains with λ={lam}, β={beta}, τ={tau} and the penalty on every router "
             f"decision (`--latent-loss-scope {scope}`)" if scope == "decided" else
             f" ALCoT (both ℓmax) trains with λ={lam}, β={beta}, τ={tau}, penalty scope `{scope}`") + (

@@ -26,6 +26,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from bench.paper.presets import flag_value
+
 
 class _Recorder:
     def __init__(self):
@@ -108,7 +110,7 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
             return _save(rec_path, {
                 "name": name, "label": label or name, "argv": list(argv), "code": code_fingerprint(),
                 "failed": str(exc),
-                "method": _flag(argv, "--latent-method", "alcot"), "valid_ppl": None, "valid_lm_loss": None,
+                "method": flag_value(argv, "--latent-method", "alcot"), "valid_ppl": None, "valid_lm_loss": None,
                 "valid_mean_latent_steps": None, "valid_depth_share": None, "evals": [],
                 "tokens_seen": recorder.train_tokens, "train_flops": recorder.train_flops,
                 "seconds": round(time.time() - start, 1), "started_at": start, "finished_at": time.time()})
@@ -145,10 +147,6 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
         "exit_reason": history.exit_reason,
     }
     return _save(rec_path, rec)
-
-
-def _flag(argv, flag, default):
-    return argv[argv.index(flag) + 1] if flag in argv else default
 
 
 def _save(path: str, rec: dict) -> dict:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (_all_reduce, _local_target,
                                                                    mask_padded_vocab)
 
