@@ -25,10 +25,10 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
-from megatron_alcot.config import (LATENT_LOSS_SCOPES, LATENT_METHODS, LATENT_READOUTS, LR_DECAY_STYLES,
-                                   RECOMPUTE_GRANULARITIES, RECOMPUTE_METHODS, ConfigError,
-                                   DataConfig, LoggingConfig, ModelConfig, OptimizerConfig,
-                                   ParallelConfig, TrainConfig)
+from megatron_alcot.config import (ATTENTION_BACKENDS, LATENT_LOSS_SCOPES, LATENT_METHODS,
+                                   LATENT_READOUTS, LR_DECAY_STYLES, RECOMPUTE_GRANULARITIES,
+                                   RECOMPUTE_METHODS, ConfigError, DataConfig, LoggingConfig,
+                                   ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig)
 
 TOKENIZER_TYPES = ("NullTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
                    "Llama2Tokenizer", "HuggingFaceTokenizer")
@@ -91,6 +91,7 @@ def _specs():
         ("--make-vocab-size-divisible-by", m, "make_vocab_size_divisible_by", dict(type=int)),
         ("--attention-dropout", m, "attention_dropout", dict(type=float)),
         ("--hidden-dropout", m, "hidden_dropout", dict(type=float)),
+        ("--attention-backend", m, "attention_backend", dict(choices=ATTENTION_BACKENDS)),
         # --- latent steps ---
         ("--latent-method", m, "latent_method", dict(choices=LATENT_METHODS)),
         ("--latent-max-steps", m, "latent_max_steps", dict(type=int)),

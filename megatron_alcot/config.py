@@ -19,6 +19,7 @@ from typing import Optional
 LATENT_METHODS = ("vanilla", "alcot", "loop", "pause", "ponder")
 LATENT_READOUTS = ("hidden", "prob")
 LATENT_LOSS_SCOPES = ("continued", "decided")
+ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
 
 
 class ConfigError(ValueError):
@@ -50,6 +51,7 @@ class ModelConfig:
     scale_output_init: bool = True            # divide linear_proj/linear_fc2 init std by sqrt(2·L)
     attention_dropout: float = 0.0            # --attention-dropout
     hidden_dropout: float = 0.0               # --hidden-dropout
+    attention_backend: str = "auto"           # --attention-backend {auto,sdpa,unfused} (model/attention_backends.py)
     params_dtype: str = "float32"             # parameter storage dtype ("float32", "bfloat16", "float16")
 
     # --- latent steps (DESIGN §2); every value is a --latent-* flag ---
@@ -141,6 +143,9 @@ class ModelConfig:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                 f"--num-query-groups {self.query_groups}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend {self.attention_backend!r} is unknown; "
+                              f"choose one of {', '.join(ATTENTION_BACKENDS)}")
         if self.latent_method not in LATENT_METHODS:
             raise ConfigError(f"--latent-method {self.latent_method!r} is unknown; "
                               f"choose one of {', '.join(LATENT_METHODS)}")

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_alcot.model.attention_backends import core_attention
 from megatron_alcot.model.compaction import Compaction
 from megatron_alcot.model.rotary import apply_rotary
 from megatron_alcot.parallel import state
@@ -79,7 +80,8 @@ def split_grouped_qkv(qkv: torch.Tensor, groups: int, heads_per_group: int, head
 
 
 class SelfAttention(nn.Module):
-    """Column-parallel fused QKV, 2-D-masked SDPA over past + current keys, row-parallel output."""
+    """Column-parallel fused QKV, 2-D-masked attention over past + current keys (``--attention-backend``),
+    row-parallel output."""
 
     def __init__(self, cfg, *, init_method, output_init_method, sequence_parallel: bool = False):
         super().__init__()
@@ -89,6 +91,7 @@ class SelfAttention(nn.Module):
         self.heads_per_group = cfg.num_attention_heads // cfg.query_groups
         self.heads = self.groups * self.heads_per_group
         self.dropout = cfg.attention_dropout
+        self.backend = cfg.attention_backend
         dtype = getattr(torch, cfg.params_dtype)
         qkv_size = (cfg.num_attention_heads + 2 * cfg.query_groups) * cfg.head_dim
         self.linear_qkv = ColumnParallelLinear(
@@ -110,10 +113,8 @@ class SelfAttention(nn.Module):
         q, k, v = (comp.to_padded(t).transpose(1, 2) for t in (q, k, v))
         keys = torch.cat([*past_keys, k], dim=2) if past_keys else k
         values = torch.cat([*past_values, v], dim=2) if past_values else v
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=ctx.mask, is_causal=ctx.mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.heads_per_group > 1)
+        out = core_attention(q, keys, values, mask=ctx.mask,
+                             dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
         out = comp.from_padded(out.transpose(1, 2)).reshape(comp.n, self.heads * self.head_dim)
         if ctx.padded_rows > comp.n:
             out = F.pad(out, (0, 0, 0, ctx.padded_rows - comp.n))

@@ -1,0 +1,59 @@
+"""The attention core ``softmax(q·kᵀ/√d + mask)·v`` behind ``--attention-backend``.
+
+    out = core_attention(q, keys, values, mask=None, dropout_p=0.0, backend="auto")
+    # q [b, heads, m, d]; keys/values [b, groups, M, d] (GQA: heads is a multiple of groups);
+    # mask [b, 1, m, M] bool (True = visible) or None for plain causal (m == M)
+
+* ``sdpa``: ``F.scaled_dot_product_attention``; torch picks its fused kernel (flash or
+  memory-efficient on GPUs, the flash kernel on CPUs).
+* ``unfused``: two matmuls and an fp32 softmax, the scores materialised as ``[b, heads, m, M]``.
+  In bf16/fp16 on CPUs this is 2-3x faster than torch's CPU flash kernel, whose backward is slow
+  for short keys (see docs/bench_train_throughput.md); it costs ``O(m·M)`` memory.
+* ``auto``: ``unfused`` where it measured faster (CPU, bf16/fp16, at most ``UNFUSED_MAX_KEYS``
+  keys), ``sdpa`` everywhere else.
+
+Both compute the same function (fp32 outputs agree to rounding); the mask rule is the caller's.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_alcot.config import ATTENTION_BACKENDS
+
+UNFUSED_MAX_KEYS = 256       # CPU bf16: unfused ahead up to 256 keys, behind from 384
+
+
+def resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
+    """The backend ``auto`` stands for with these queries and this many keys."""
+    if backend != "auto":
+        return backend
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    return "unfused" if q.device.type == "cpu" and low_precision and num_keys <= UNFUSED_MAX_KEYS else "sdpa"
+
+
+def core_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                   backend: str = "auto") -> torch.Tensor:
+    """Attention output ``[b, heads, m, d]``; see the module doc for shapes and backends."""
+    rep = q.shape[1] // keys.shape[1]
+    if resolve_backend(backend, q, keys.shape[2]) == "sdpa":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
+                                              dropout_p=dropout_p, enable_gqa=rep > 1)
+    if rep > 1:
+        keys = keys.repeat_interleave(rep, dim=1)
+        values = values.repeat_interleave(rep, dim=1)
+    scores = (q * q.shape[-1] ** -0.5) @ keys.transpose(-1, -2)
+    if mask is None:
+        m = q.shape[2]
+        mask = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ values
+
+
+__all__ = ["ATTENTION_BACKENDS", "UNFUSED_MAX_KEYS", "core_attention", "resolve_backend"]
