@@ -32,8 +32,13 @@ def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    return mask_padded_vocab((h @ weight.t()).float(), vocab_size)
+def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int,
+                  buffer: torch.Tensor) -> torch.Tensor:
+    if h.dtype == torch.float32:   # one reused buffer: a fresh [rows, V] output each chunk is slower
+        logits = torch.mm(h, weight.t(), out=buffer[: h.shape[0]])
+    else:
+        logits = (h @ weight.t()).float()
+    return mask_padded_vocab(logits, vocab_size)
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
@@ -49,11 +54,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         per_token = torch.empty(target.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty(h_all.shape, dtype=torch.float32, device=hidden.device)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        buffer = torch.empty(min(chunk_rows, h_all.shape[0]), weight.shape[0], dtype=torch.float32,
+                             device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for r0 in range(0, h_all.shape[0], chunk_rows):
                 h = h_all[r0:r0 + chunk_rows].to(mm_dtype)
                 rows = slice(r0, r0 + h.shape[0])
-                logits = _chunk_logits(h, w_mm, vocab_size)
+                logits = _chunk_logits(h, w_mm, vocab_size, buffer)
                 row_max = _all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
                 logits.sub_(row_max.unsqueeze(-1))
                 idx = local[rows].unsqueeze(-1)
