@@ -71,7 +71,11 @@ def difficulty_analysis(alcot: dict, vanilla: dict, edges: Sequence[float] = PRO
     a_loss = alcot["loss"][:n][keep].astype(np.float64)
     rho_v, p_v, count = spearman(steps, v_loss)
     rho_a, p_a, _ = spearman(steps, a_loss)
+    g0 = alcot.get("continue_prob0")
+    rho_g = spearman(g0[:n][keep], v_loss)[0] if g0 is not None and g0.size == alcot["steps"].size \
+        else float("nan")
     return {
+        "spearman_router_prob_vs_vanilla_loss": rho_g,
         "tokens": count,
         "spearman_steps_vs_vanilla_loss": rho_v, "p_value_vanilla": p_v,
         "spearman_steps_vs_own_loss": rho_a, "p_value_own": p_a,

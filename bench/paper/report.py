@@ -137,6 +137,8 @@ def difficulty_section(diff: dict) -> List[str]:
              f"(p = {_f(diff['p_value_vanilla'], '{:.2g}')}) |",
              f"| Spearman ρ(latent steps, ALCoT's own loss) | {_f(diff['spearman_steps_vs_own_loss'], '{:.4f}')} "
              f"(p = {_f(diff['p_value_own'], '{:.2g}')}) |",
+             f"| Spearman ρ(first router's continue probability g_0, vanilla loss) | "
+             f"{_f(diff.get('spearman_router_prob_vs_vanilla_loss', float('nan')), '{:.4f}')} |",
              f"| mean latent steps | {_f(diff['mean_steps'], '{:.3f}')} |", "",
              "| target-probability bin | tokens (by vanilla p) | mean steps | tokens (by ALCoT p) | mean steps |",
              "|---|---|---|---|---|"]
@@ -157,6 +159,11 @@ def difficulty_section(diff: dict) -> List[str]:
             falls = sum(a[3] >= b[3] for a, b in zip(bins, bins[1:]))
             lines[-1] += (f" From the hardest bin to the easiest, the mean steps fall or stay level at {falls} of "
                           f"{len(bins) - 1} bin boundaries.")
+            rho_g = diff.get("spearman_router_prob_vs_vanilla_loss", float("nan"))
+            if isinstance(rho_g, float) and math.isfinite(rho_g) and rho_g > rho:
+                lines[-1] += (f" The first router's continuous continue probability tracks difficulty better "
+                              f"(ρ = {rho_g:.3f}) than the step counts do: the threshold τ on the reach turns it "
+                              "into a few depth levels and the ties lose part of the ranking.")
             if bins[-1][3] > low[3] and bins[0][3] > low[3]:
                 lines[-1] += (" The relation is U-shaped, not monotone: the tokens the model is most sure of also "
                               "run long, so the router is not yet the difficulty detector the paper describes.")

@@ -8,8 +8,9 @@
 
 * training FLOPs of what executed: every training micro-batch's ``num_steps`` through the
   project's counter (``training.flops_meter.FlopsMeter``, i.e. ``model.flops.training_flops``);
-* the per-token results of the final validation pass: readout loss, executed latent steps and
-  loss mask of every validation token, saved as ``{name}_tokens.npz`` for the difficulty analysis.
+* the per-token results of the final validation pass: readout loss, executed latent steps, loss
+  mask and the first router's continue probability ``g_{t,0}`` of every validation token, saved as
+  ``{name}_tokens.npz`` for the difficulty analysis.
 
 A run whose record exists with the same flags and the same trainer source (``code_fingerprint``) is
 not trained again (``force=True`` retrains); a record left by other code is retrained.
@@ -59,7 +60,11 @@ class _Recorder:
         loss = out.per_token_loss.detach().float().cpu() if out.per_token_loss is not None else \
             torch.full(steps.shape, float("nan"))
         labels = kwargs.get("labels")
-        self.eval_batches.append((loss, steps, mask, labels.detach().cpu() if labels is not None else None))
+        # g_{t,0}: the router's continuous verdict before the threshold turns it into a step count.
+        g = out.continue_prob
+        g0 = g[..., 0].detach().float().cpu() if g is not None and g.shape[-1] > 0 else \
+            torch.full(steps.shape, float("nan"))
+        self.eval_batches.append((loss, steps, mask, labels.detach().cpu() if labels is not None else None, g0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +130,8 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
     tokens = {"loss": _cat([b[0] for b in batches], np.float32),
               "steps": _cat([b[1] for b in batches], np.int16),
               "mask": _cat([b[2] for b in batches], np.float32),
-              "labels": _cat([b[3] for b in batches if b[3] is not None], np.int32)}
+              "labels": _cat([b[3] for b in batches if b[3] is not None], np.int32),
+              "continue_prob0": _cat([b[4] for b in batches], np.float32)}
     np.savez_compressed(os.path.join(out_dir, f"{name}_tokens.npz"), **tokens)
     rec = {
         "name": name, "label": label or name, "argv": list(argv), "code": code_fingerprint(),
