@@ -54,6 +54,7 @@ class DistributedDataParallel(torch.nn.Module):
         self.overlap = overlap_grad_reduce and self.dp_size > 1
         self._sync_enabled = True
         params = [p for p in module.parameters() if p.requires_grad]
+        self._trainable = tuple(params)     # walking the module tree every step costs ~1 ms on CPU
         params = list(reversed(params))
         # One replica: nothing to reduce, so plain autograd gradients (no buffer to fill and add into).
         self.passthrough = self.dp_size == 1 and not any(getattr(p, "sequence_parallel", False)
@@ -126,8 +127,8 @@ class DistributedDataParallel(torch.nn.Module):
         """Make sure every bucket is reduced and averaged; call after the last backward."""
         if self.passthrough:
             # Same update as with the buffer: a parameter without gradient gets a zero one.
-            for p in self.module.parameters():
-                if p.requires_grad and p.grad is None:
+            for p in self._trainable:
+                if p.grad is None:
                     p.grad = torch.zeros_like(p)
             return
         if self.dp_size > 1:
@@ -149,7 +150,7 @@ class DistributedDataParallel(torch.nn.Module):
 
     def zero_grad_buffer(self) -> None:
         if self.passthrough:
-            for p in self.module.parameters():
+            for p in self._trainable:
                 p.grad = None
             return
         self.grad_buffer.zero_()
