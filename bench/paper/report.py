@@ -96,7 +96,7 @@ def sweep_table(sweep: Dict[str, dict], runs: Dict[str, dict]) -> List[str]:
     return lines
 
 
-def alcot_loss_sentence(rec: Optional[dict], default_corpus: bool = True) -> str:
+def alcot_loss_sentence(rec: Optional[dict]) -> str:
     """The ALCoT runs' adaptive-loss settings, read from the run's own flags."""
     if not rec or not rec.get("argv"):
         return ""
@@ -108,10 +108,9 @@ def alcot_loss_sentence(rec: Optional[dict], default_corpus: bool = True) -> str
     return (f" ALCoT (both ℓmax) trains with λ={lam}, β={beta}, τ={tau} and the penalty on every router "
             f"decision (`--latent-loss-scope {scope}`)" if scope == "decided" else
             f" ALCoT (both ℓmax) trains with λ={lam}, β={beta}, τ={tau}, penalty scope `{scope}`") + (
-            "; these settings were picked from the sweep and the variants, which read the default corpus's "
-            "validation split, so for them that corpus is not untuned (rerun with `--input` on another)."
-            if default_corpus else "; these are the benchmark's settings, picked on its default corpus, "
-            "not on this one.")
+            "; these settings were picked from the sweeps and variants, which read the validation splits of "
+            "this corpus and of two others (see `bench/paper/presets.py`), so none of the three is untuned "
+            "for them: rerun with `--input` on another corpus to test them.")
 
 
 def lambda_monotone(sweep: Dict[str, dict]) -> Optional[bool]:
@@ -449,13 +448,12 @@ def render(results: dict, figures: Dict[str, str]) -> str:
            f"to 10%, AdamW (0.9, 0.95), weight decay 0.1, vocabulary {data.get('vocab_size')}. Every method trains "
            "the same shape on the same samples in the same order through `pretrain_alcot.py`'s `train()`; "
            "`vanilla, 2x layers` is the compute-matched reference with about twice the parameters."
-           + alcot_loss_sentence(results.get("runs", {}).get("alcot3"),
-                                 "--input" not in str(data.get("source", ""))), "",
+           + alcot_loss_sentence(results.get("runs", {}).get("alcot3")), "",
            f"**Data**: {data.get('source', 'n/a')}; {data.get('documents', 0):,} documents, "
            f"{data.get('bytes', 0) / 1e6:.1f} MB. `--split {data.get('split')}`: training documents "
-           f"{data.get('train_documents')}, validation documents {data.get('valid_documents')} (disjoint; the "
-           "validation documents were never used for tuning, and the SentencePiece tokenizer was trained on the "
-           f"training documents only). Validation: {cfg.get('eval_iters')} batches of the validation split "
+           f"{data.get('train_documents')}, validation documents {data.get('valid_documents')} (disjoint: no "
+           "run trains on a validation document, and the SentencePiece tokenizer was trained on the training "
+           f"documents only). Validation: {cfg.get('eval_iters')} batches of the validation split "
            "(the trainer's own evaluation), the same tokens for every method.", ""]
     if data.get("bytes_per_source"):
         out.append("Bytes per source: " + ", ".join(f"{k} {v / 1e6:.1f} MB"
