@@ -5,6 +5,7 @@ difficulty analysis and the gap over training, written to docs/paper_table.md wi
     python bench/paper_table.py --investigate                     # + the why-not-better variants
     python bench/paper_table.py --methods vanilla alcot3 --skip-sweep --iters 200
     python bench/paper_table.py --input my_corpus.jsonl --seed 7 --output-dir out --docs-dir out/docs
+    python bench/paper_table.py --corpus handbook --methods vanilla loop alcot3   # a second built-in corpus
     python bench/paper_table.py --preset 410m --input pile.jsonl --print-only   # torchrun commands
 
 Stages: corpus (Debian text packages -> JSONL, unless ``--input``), tokenizer + ``.bin/.idx``
@@ -39,11 +40,16 @@ from bench.paper.runs import load_tokens, run_training  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-dir", default=os.path.join(ROOT, "bench_out", "paper"))
-    p.add_argument("--docs-dir", default=os.path.join(ROOT, "docs"),
-                   help="where paper_table.md and paper_*.png go")
+    p.add_argument("--output-dir", default=None,
+                   help="runs and data (default bench_out/paper, bench_out/paper_handbook for --corpus handbook)")
+    p.add_argument("--docs-dir", default=None,
+                   help="where paper_table.md and paper_*.png go (default docs/, docs/paper_table_handbook/ "
+                        "for --corpus handbook)")
     p.add_argument("--input", default=None, help="any JSONL corpus ({'text': ...} per line) instead of "
                                                  "the Debian one")
+    p.add_argument("--corpus", default="debian", choices=["debian", "handbook"],
+                   help="the built-in corpus when no --input: Debian text packages (67 MB) or the Debian "
+                        "handbook, fortunes and the Jargon File (5 MB, no package in common)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
@@ -249,14 +255,16 @@ def _prepare(opts, spec, out, stage_seconds) -> dict:
         corpus = {"documents": count_documents(jsonl), "bytes": os.path.getsize(jsonl)}
     else:
         jsonl = os.path.join(out, "corpus.jsonl")
-        source = ("English text from Debian packages: King James Bible, GCIDE dictionary (capped), Linux "
-                  "kernel docs, Python 3.11 docs, Perl pods; paragraphs grouped into ~2 KB documents, "
+        what = ("King James Bible, GCIDE dictionary (capped), Linux kernel docs, Python 3.11 docs, Perl pods"
+                if opts.corpus == "debian" else
+                "the Debian Administrator's Handbook (English), the fortune files, the Jargon File")
+        source = (f"English text from Debian packages: {what}; paragraphs grouped into ~2 KB documents, "
                   f"shuffled with seed {opts.seed}")
         stats_path = jsonl + ".stats.json"
         if not (os.path.exists(jsonl) and os.path.exists(stats_path)):
-            print("== corpus: building from Debian text packages", flush=True)
+            print(f"== corpus: building `{opts.corpus}` from Debian text packages", flush=True)
             with open(stats_path, "w") as f:
-                json.dump(build_debian_corpus(jsonl, seed=opts.seed), f)
+                json.dump(build_debian_corpus(jsonl, seed=opts.seed, corpus=opts.corpus), f)
         with open(stats_path) as f:
             corpus = json.load(f)
     stage_seconds["corpus"] = time.time() - t
@@ -270,6 +278,9 @@ def _prepare(opts, spec, out, stage_seconds) -> dict:
 
 def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
+    default_dirs = opts.corpus == "debian" or opts.input
+    opts.output_dir = opts.output_dir or os.path.join(ROOT, "bench_out", "paper" if default_dirs else f"paper_{opts.corpus}")
+    opts.docs_dir = opts.docs_dir or os.path.join(ROOT, "docs", "" if default_dirs else f"paper_table_{opts.corpus}")
     if opts.report_only:
         with open(os.path.join(opts.output_dir, "results.json")) as f:
             results = json.load(f)

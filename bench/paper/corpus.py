@@ -8,9 +8,12 @@ Sources (public domain / GPL / PSF, installed by package name with apt-get when 
 James Bible (``bible-kjv`` + ``bible-kjv-text``), the GCIDE dictionary (``dict-gcide``, read with
 ``errors="replace"``: it holds a few non-UTF-8 lines), the Linux kernel documentation
 (``linux-doc-6.1``, reST ``_sources/*.txt``), the Python 3.11 documentation (``python3.11-doc``)
-and Perl's pods (``perl-doc``). Each text is cut at blank lines into paragraphs that are grouped
-into documents of about ``TARGET_CHARS`` (1-4 KB); the documents of all sources are shuffled with
-``random.Random(seed)``, so the JSONL is the same bytes for the same installed packages and seed.
+and Perl's pods (``perl-doc``). A second corpus (``corpus="handbook"``, 5 MB) shares no package
+with it: the Debian Administrator's Handbook (``debian-handbook``, English HTML), the fortune
+cookie files (``fortunes``) and the Jargon File (``jargon-text``). Each text is cut at blank lines
+into paragraphs that are grouped into documents of about ``TARGET_CHARS`` (1-4 KB); the documents of
+all sources are shuffled with ``random.Random(seed)``, so the JSONL is the same bytes for the same
+installed packages and seed.
 
 The tokenizer is trained on the documents of the training split only: the documents that
 ``--split`` gives to training, computed with the data package's own split arithmetic, so no
@@ -22,11 +25,14 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
+from html.parser import HTMLParser
 from typing import Dict, Iterator, List, Tuple
 
 PACKAGES = ("bible-kjv", "bible-kjv-text", "dict-gcide", "linux-doc-6.1", "python3.11-doc", "perl-doc")
+HANDBOOK_PACKAGES = ("debian-handbook", "fortunes", "jargon-text")
 TARGET_CHARS, MAX_CHARS, MIN_CHARS = 2000, 4000, 300
 GCIDE_MAX_CHARS = 16_000_000   # the dictionary alone is 40 MB; cap it so prose and docs dominate
 
@@ -108,16 +114,68 @@ def source_texts() -> Iterator[Tuple[str, str]]:
         yield "perl-doc", _read(path)
 
 
-def build_debian_corpus(output: str, seed: int = 1234, install: bool = True, log=print) -> Dict:
-    """Write the shuffled JSONL corpus (``{"text", "source"}`` per line) atomically; returns stats."""
+class _HTMLText(HTMLParser):
+    """Visible text of an HTML page, with a blank line at every block element."""
+
+    BLOCKS = {"p", "div", "li", "pre", "h1", "h2", "h3", "h4", "tr", "dt", "dd", "table"}
+
+    def __init__(self):
+        super().__init__()
+        self.parts: List[str] = []
+        self.hidden = 0
+
+    def handle_starttag(self, tag, attrs):
+        self.hidden += tag in ("script", "style")
+        if tag in self.BLOCKS:
+            self.parts.append("\n\n")
+
+    def handle_endtag(self, tag):
+        self.hidden -= tag in ("script", "style")
+
+    def handle_data(self, data):
+        if not self.hidden:
+            self.parts.append(data)
+
+
+def _html_text(path: str) -> str:
+    parser = _HTMLText()
+    parser.feed(_read(path))
+    return re.sub(r"[ \t]+", " ", "".join(parser.parts))
+
+
+def _fortunes(path: str) -> str:
+    # Fortune files separate their entries with lines holding a single "%".
+    return "\n\n".join(e.strip("\n") for e in re.split(r"\n%\n", _read(path)) if e.strip())
+
+
+def handbook_texts() -> Iterator[Tuple[str, str]]:
+    """``(source, text)`` of the second corpus: the Debian Administrator's Handbook (English HTML),
+    the fortune cookie files and the Jargon File, in a fixed order."""
+    for path in _package_files("debian-handbook", ".html", "/html/en-US/"):
+        yield "debian-handbook", _html_text(path)
+    for path in _package_files("fortunes", "", "/fortunes/"):
+        if not path.endswith((".dat", ".u8")) and not os.path.islink(path):
+            yield "fortunes", _fortunes(path)
+    for path in _package_files("jargon-text", ".txt.gz"):
+        yield "jargon", _read(path)
+
+
+CORPORA = {"debian": (PACKAGES, source_texts), "handbook": (HANDBOOK_PACKAGES, handbook_texts)}
+
+
+def build_debian_corpus(output: str, seed: int = 1234, install: bool = True, log=print,
+                        corpus: str = "debian") -> Dict:
+    """Write the shuffled JSONL corpus (``{"text", "source"}`` per line) atomically; returns stats.
+    ``corpus``: ``debian`` (the default, 67 MB) or ``handbook`` (5 MB, other packages, other prose)."""
+    packages, texts = CORPORA[corpus]
     if install:
-        ensure_packages(log=log)
+        ensure_packages(packages, log=log)
     docs: List[Tuple[str, str]] = []
-    for source, text in source_texts():
+    for source, text in texts():
         docs.extend((source, d) for d in group_paragraphs(text) if len(d) >= MIN_CHARS)
     if not docs:
         raise RuntimeError("no Debian text package is installed and apt-get could not install any; "
-                           f"install {' '.join(PACKAGES)} or pass --input corpus.jsonl")
+                           f"install {' '.join(packages)} or pass --input corpus.jsonl")
     random.Random(seed).shuffle(docs)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     per_source: Dict[str, int] = {}

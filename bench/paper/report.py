@@ -501,6 +501,7 @@ def render(results: dict, figures: Dict[str, str]) -> str:
             "python bench/paper_table.py                          # the default preset: the table, sweep and analyses",
             "python bench/paper_table.py --investigate            # + the variants above",
             "python bench/paper_table.py --input corpus.jsonl --seed 7 --methods vanilla alcot3 --skip-sweep",
+            "python bench/paper_table.py --corpus handbook --methods vanilla loop alcot3   # the second built-in corpus",
             "python bench/paper_table.py --preset 410m --input pile.jsonl --print-only   # torchrun commands, 8 GPUs",
             "python bench/paper_table.py --report-only            # redraw this page from results.json",
             "```", "",
