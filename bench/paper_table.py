@@ -41,10 +41,11 @@ from bench.paper.runs import load_tokens, run_training  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output-dir", default=None,
-                   help="runs and data (default bench_out/paper, bench_out/paper_handbook for --corpus handbook)")
+                   help="runs and data (default bench_out/paper; bench_out/paper_handbook for --corpus handbook; "
+                        "bench_out/paper_NAME for --input NAME.jsonl)")
     p.add_argument("--docs-dir", default=None,
-                   help="where paper_table.md and paper_*.png go (default docs/, docs/paper_table_handbook/ "
-                        "for --corpus handbook)")
+                   help="where paper_table.md and paper_*.png go (default docs/; docs/paper_table_handbook/ for "
+                        "--corpus handbook; OUTPUT_DIR/docs for --input)")
     p.add_argument("--input", default=None, help="any JSONL corpus ({'text': ...} per line) instead of "
                                                  "the Debian one")
     p.add_argument("--corpus", default="debian", choices=["debian", "handbook"],
@@ -276,11 +277,23 @@ def _prepare(opts, spec, out, stage_seconds) -> dict:
     return data
 
 
+def resolve_dirs(opts) -> None:
+    """Fill ``opts.output_dir``/``opts.docs_dir`` left unset. Each corpus gets its own runs and data,
+    so no run or .idx of one corpus is ever reused for another."""
+    if opts.input:
+        stem = os.path.splitext(os.path.basename(opts.input))[0]
+        opts.output_dir = opts.output_dir or os.path.join(ROOT, "bench_out", f"paper_{stem}")
+        opts.docs_dir = opts.docs_dir or os.path.join(opts.output_dir, "docs")
+    elif opts.corpus != "debian":
+        opts.output_dir = opts.output_dir or os.path.join(ROOT, "bench_out", f"paper_{opts.corpus}")
+        opts.docs_dir = opts.docs_dir or os.path.join(ROOT, "docs", f"paper_table_{opts.corpus}")
+    opts.output_dir = opts.output_dir or os.path.join(ROOT, "bench_out", "paper")
+    opts.docs_dir = opts.docs_dir or os.path.join(ROOT, "docs")
+
+
 def main(argv=None) -> int:
     opts = build_parser().parse_args(argv)
-    default_dirs = opts.corpus == "debian" or opts.input
-    opts.output_dir = opts.output_dir or os.path.join(ROOT, "bench_out", "paper" if default_dirs else f"paper_{opts.corpus}")
-    opts.docs_dir = opts.docs_dir or os.path.join(ROOT, "docs", "" if default_dirs else f"paper_table_{opts.corpus}")
+    resolve_dirs(opts)
     if opts.report_only:
         with open(os.path.join(opts.output_dir, "results.json")) as f:
             results = json.load(f)

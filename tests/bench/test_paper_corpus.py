@@ -38,3 +38,20 @@ def test_build_corpus_is_deterministic(tmp_path, monkeypatch):
     assert a.read_bytes() == b.read_bytes()
     rows = [json.loads(line) for line in a.read_text().splitlines()]
     assert stats["documents"] == len(rows) and {r["source"] for r in rows} == {"one", "two"}
+
+
+def test_each_corpus_gets_its_own_runs_and_pages():
+    from bench.paper_table import ROOT, build_parser, resolve_dirs
+
+    def dirs(*argv):
+        opts = build_parser().parse_args(list(argv))
+        resolve_dirs(opts)
+        return opts.output_dir, opts.docs_dir
+
+    default = dirs()
+    assert default == (f"{ROOT}/bench_out/paper", f"{ROOT}/docs")
+    handbook = dirs("--corpus", "handbook")
+    assert handbook == (f"{ROOT}/bench_out/paper_handbook", f"{ROOT}/docs/paper_table_handbook")
+    mine = dirs("--input", "/data/mine.jsonl")
+    assert mine == (f"{ROOT}/bench_out/paper_mine", f"{ROOT}/bench_out/paper_mine/docs")
+    assert dirs("--input", "x.jsonl", "--output-dir", "o", "--docs-dir", "d") == ("o", "d")
