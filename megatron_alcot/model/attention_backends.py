@@ -49,7 +49,7 @@ def core_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     if mask is None:
         m = q.shape[2]
         mask = torch.ones(m, m, dtype=torch.bool, device=q.device).tril_()
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = torch.where(mask, scores, float("-inf"))   # no inverted copy of the shared lap mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     if dropout_p > 0:
         probs = F.dropout(probs, dropout_p)
