@@ -27,6 +27,9 @@ from megatron_alcot.parallel.tensor_parallel.cross_entropy import (_all_reduce, 
                                                                    mask_padded_vocab)
 
 
+_LOG2E = 1.4426950408889634
+
+
 def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
     dev = t.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else t.dtype
@@ -61,11 +64,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 h = h_all[r0:r0 + chunk_rows].to(mm_dtype)
                 rows = slice(r0, r0 + h.shape[0])
                 logits = _chunk_logits(h, w_mm, vocab_size, buffer)
-                row_max = _all_reduce(logits.max(dim=-1).values, op=dist.ReduceOp.MAX)
+                row_max = _all_reduce(logits.amax(dim=-1), op=dist.ReduceOp.MAX)
                 logits.sub_(row_max.unsqueeze(-1))
                 idx = local[rows].unsqueeze(-1)
                 picked = _all_reduce(logits.gather(-1, idx).squeeze(-1).masked_fill(outside[rows], 0.0))
-                probs = logits.exp_()
+                # exp(x) as exp2(x·log2 e): torch's CPU exp2 is ~3x faster than its exp.
+                probs = logits.mul_(_LOG2E).exp2_()
                 sum_exp = _all_reduce(probs.sum(dim=-1))
                 per_token[rows] = sum_exp.log() - picked
                 # d/d logits of w·CE = w·(softmax - onehot), built in place over the chunk.
