@@ -25,7 +25,7 @@ import sys
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
-from megatron_alcot.config import (ATTENTION_BACKENDS, LATENT_LOSS_SCOPES, LATENT_METHODS,
+from megatron_alcot.config import (ATTENTION_BACKENDS, GEMM_BACKENDS, LATENT_LOSS_SCOPES, LATENT_METHODS,
                                    LATENT_READOUTS, LR_DECAY_STYLES, RECOMPUTE_GRANULARITIES,
                                    RECOMPUTE_METHODS, ConfigError, DataConfig, LoggingConfig,
                                    ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig)
@@ -92,6 +92,7 @@ def _specs():
         ("--attention-dropout", m, "attention_dropout", dict(type=float)),
         ("--hidden-dropout", m, "hidden_dropout", dict(type=float)),
         ("--attention-backend", m, "attention_backend", dict(choices=ATTENTION_BACKENDS)),
+        ("--cpu-gemm-backend", m, "cpu_gemm_backend", dict(choices=GEMM_BACKENDS)),
         # --- latent steps ---
         ("--latent-method", m, "latent_method", dict(choices=LATENT_METHODS)),
         ("--latent-max-steps", m, "latent_max_steps", dict(type=int)),

@@ -20,10 +20,16 @@ LATENT_METHODS = ("vanilla", "alcot", "loop", "pause", "ponder")
 LATENT_READOUTS = ("hidden", "prob")
 LATENT_LOSS_SCOPES = ("continued", "decided")
 ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
+GEMM_BACKENDS = ("auto", "torch", "onednn")
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong. The message names the flag and the fix."""
+
+
+def _has_onednn() -> bool:
+    import torch
+    return torch.backends.mkldnn.is_available()
 
 
 def _flag(name: str) -> str:
@@ -52,6 +58,7 @@ class ModelConfig:
     attention_dropout: float = 0.0            # --attention-dropout
     hidden_dropout: float = 0.0               # --hidden-dropout
     attention_backend: str = "auto"           # --attention-backend {auto,sdpa,unfused} (model/attention_backends.py)
+    cpu_gemm_backend: str = "auto"            # --cpu-gemm-backend {auto,torch,onednn} (parallel/tensor_parallel/gemm.py)
     params_dtype: str = "float32"             # parameter storage dtype ("float32", "bfloat16", "float16")
 
     # --- latent steps (DESIGN §2); every value is a --latent-* flag ---
@@ -146,6 +153,12 @@ class ModelConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"--attention-backend {self.attention_backend!r} is unknown; "
                               f"choose one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.cpu_gemm_backend not in GEMM_BACKENDS:
+            raise ConfigError(f"--cpu-gemm-backend {self.cpu_gemm_backend!r} is unknown; "
+                              f"choose one of {', '.join(GEMM_BACKENDS)}")
+        if self.cpu_gemm_backend == "onednn" and not _has_onednn():
+            raise ConfigError("--cpu-gemm-backend onednn: this torch build has no oneDNN "
+                              "(torch.backends.mkldnn.is_available() is False); use auto or torch")
         if self.latent_method not in LATENT_METHODS:
             raise ConfigError(f"--latent-method {self.latent_method!r} is unknown; "
                               f"choose one of {', '.join(LATENT_METHODS)}")

@@ -51,7 +51,8 @@ class LapContext:
     cos: torch.Tensor                   # [n, d] fp32, RoPE of each row's position id
     sin: torch.Tensor
     mask: Optional[torch.Tensor]        # [b, 1, m, M] bool, or None for plain causal
-    padded_rows: int                    # rows seen by the TP linears (n, or n rounded up to TP under SP)
+    padded_rows: int                    # rows seen by the linears: n, rounded up to TP under SP and to
+                                        # gemm.bucket_rows for compacted laps with oneDNN GEMMs
 
 
 def attention_mask(q_order: torch.Tensor, q_valid: torch.Tensor,
@@ -96,11 +97,11 @@ class SelfAttention(nn.Module):
         qkv_size = (cfg.num_attention_heads + 2 * cfg.query_groups) * cfg.head_dim
         self.linear_qkv = ColumnParallelLinear(
             cfg.hidden_size, qkv_size, bias=False, gather_output=False, init_method=init_method,
-            sequence_parallel=sequence_parallel, params_dtype=dtype)
+            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=cfg.cpu_gemm_backend)
         self.linear_proj = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False,
             input_is_parallel=True, init_method=output_init_method,
-            sequence_parallel=sequence_parallel, params_dtype=dtype)
+            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=cfg.cpu_gemm_backend)
 
     def forward(self, x: torch.Tensor, ctx: LapContext, past_keys: Sequence[torch.Tensor] = (),
                 past_values: Sequence[torch.Tensor] = ()):

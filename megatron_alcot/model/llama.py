@@ -54,10 +54,11 @@ class SwiGLUMLP(nn.Module):
         dtype = getattr(torch, cfg.params_dtype)
         self.linear_fc1 = ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.ffn_size, bias=False, gather_output=False, init_method=skip_init,
-            stride=2, sequence_parallel=sequence_parallel, params_dtype=dtype)
+            stride=2, sequence_parallel=sequence_parallel, params_dtype=dtype,
+            gemm_backend=cfg.cpu_gemm_backend)
         self.linear_fc2 = RowParallelLinear(
             cfg.ffn_size, cfg.hidden_size, bias=False, input_is_parallel=True, init_method=skip_init,
-            sequence_parallel=sequence_parallel, params_dtype=dtype)
+            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=cfg.cpu_gemm_backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x).chunk(2, dim=-1)

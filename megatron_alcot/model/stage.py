@@ -31,7 +31,7 @@ from megatron_alcot.model.llama import RMSNorm, TransformerLayer, init_parameter
 from megatron_alcot.model.output import LapState, masked_mean
 from megatron_alcot.model.rotary import RotaryEmbedding
 from megatron_alcot.parallel import state
-from megatron_alcot.parallel.tensor_parallel import mappings
+from megatron_alcot.parallel.tensor_parallel import gemm, mappings
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (mask_padded_vocab,
                                                                    vocab_parallel_cross_entropy)
 from megatron_alcot.parallel.tensor_parallel.fused_linear_cross_entropy import fused_linear_cross_entropy
@@ -86,7 +86,8 @@ class LlamaModel(nn.Module):
         if post_process and (cfg.untie_embeddings_and_output_weights or not pre_process):
             self.output_layer = ColumnParallelLinear(
                 cfg.hidden_size, self.padded_vocab_size, bias=False, gather_output=False,
-                init_method=skip_init, params_dtype=getattr(torch, cfg.params_dtype))
+                init_method=skip_init, params_dtype=getattr(torch, cfg.params_dtype),
+                gemm_backend=cfg.cpu_gemm_backend)
             if not cfg.untie_embeddings_and_output_weights:
                 # Tied weights split over stages: this copy starts equal to the embedding and its
                 # gradient must be summed with the first stage's (the embedding group).
@@ -107,7 +108,8 @@ class LlamaModel(nn.Module):
         """Replicated ``[..., h]`` -> vocab-parallel logits ``[..., V_padded/tp]``; the columns of
         vocabulary padding hold ``PADDED_LOGIT`` so they take no probability mass."""
         w = self.output_weight
-        logits = F.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w)
+        logits = gemm.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w, None,
+                             self.config.cpu_gemm_backend)
         return mask_padded_vocab(logits, self.config.vocab_size)
 
     def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
@@ -124,7 +126,8 @@ class LlamaModel(nn.Module):
             weights = mask / mask.sum().clamp_min(1.0)
             chunk = max(32, (1 << 20) // w.shape[0])   # ~4 MB of fp32 logits per chunk
             return fused_linear_cross_entropy(mappings.copy_to_tensor_model_parallel_region(h), w,
-                                              labels, weights, self.config.vocab_size, chunk)
+                                              labels, weights, self.config.vocab_size, chunk,
+                                              gemm_backend=self.config.cpu_gemm_backend)
         per_token = vocab_parallel_cross_entropy(self.lm_head(h), labels)
         return masked_mean(per_token, loss_mask.float()), per_token
 
@@ -153,10 +156,14 @@ class LlamaModel(nn.Module):
                                   [p.valid for p in past] + [comp.valid])
         rows = comp.gather(lap.hidden)
         padded_rows = comp.n
+        if not comp.dense and gemm.resolve_gemm_backend(self.config.cpu_gemm_backend, rows, rows) == "onednn":
+            padded_rows = gemm.bucket_rows(comp.n)   # a few GEMM shapes, not one per row count
         if self.sequence_parallel:
-            padded_rows = -(-comp.n // self.tp) * self.tp
-            rows = mappings.scatter_to_sequence_parallel_region(
-                F.pad(rows, (0, 0, 0, padded_rows - comp.n)), 0)
+            padded_rows = -(-padded_rows // self.tp) * self.tp
+        if padded_rows > comp.n:
+            rows = F.pad(rows, (0, 0, 0, padded_rows - comp.n))
+        if self.sequence_parallel:
+            rows = mappings.scatter_to_sequence_parallel_region(rows, 0)
         ctx = LapContext(comp, cos, sin, mask, padded_rows)
         keys, values = [], []
         for i, layer in enumerate(layers):
@@ -164,8 +171,8 @@ class LlamaModel(nn.Module):
             keys.append(k)
             values.append(v)
         if self.sequence_parallel:
-            rows = mappings.gather_from_sequence_parallel_region(rows, 0, False)[: comp.n]
-        return comp.scatter(lap.hidden, rows), StepKV(comp.order, comp.valid, keys, values)
+            rows = mappings.gather_from_sequence_parallel_region(rows, 0, False)
+        return comp.scatter(lap.hidden, rows[: comp.n]), StepKV(comp.order, comp.valid, keys, values)
 
     # --- PP = 1 convenience ---------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,

@@ -16,13 +16,17 @@ Tensor parallel: ``weight_parallel`` is this rank's vocab slice ``[V/tp, h]`` an
 replicated and have passed through ``copy_to_tensor_model_parallel_region`` (whose backward sums
 the per-rank ``d hidden``); three small all-reduces per chunk give the global max, normaliser and
 target logit. Vocabulary padding (ids >= ``vocab_size``) takes no mass, as in the model's LM head.
-Under autocast the matmuls run in the autocast dtype and everything else in fp32.
+Under autocast the matmuls run in the autocast dtype and everything else in fp32; plain fp32 CPU
+matmuls run in the library ``gemm_backend`` picks (``gemm.py``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_alcot.parallel.tensor_parallel import gemm
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (_all_reduce, _local_target,
                                                                    mask_padded_vocab)
 
@@ -36,34 +40,54 @@ def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, vocab_size: int,
-                  buffer: torch.Tensor) -> torch.Tensor:
-    if h.dtype == torch.float32:   # one reused buffer: a fresh [rows, V] output each chunk is slower
+                  buffer: Optional[torch.Tensor], backend: str) -> torch.Tensor:
+    if backend == "onednn":
+        logits = gemm.matmul_nt(h, weight, backend)
+    elif h.dtype == torch.float32:   # one reused buffer: a fresh [rows, V] output each chunk is slower
         logits = torch.mm(h, weight.t(), out=buffer[: h.shape[0]])
     else:
         logits = (h @ weight.t()).float()
     return mask_padded_vocab(logits, vocab_size)
 
 
+def _backprop_chunk(probs: torch.Tensor, h: torch.Tensor, w_mm: torch.Tensor, backend: str,
+                    grad_hidden_rows: torch.Tensor, grad_weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Write ``probs @ w`` into ``grad_hidden_rows``; return ``grad_weight + probs.T @ h`` (fp32;
+    ``grad_weight`` None on the first chunk)."""
+    if backend == "onednn":
+        grad_hidden_rows.copy_(gemm.matmul_nn(probs, w_mm, backend))
+        g_w = gemm.weight_grad(h, probs, backend)
+    elif h.dtype == torch.float32:       # BLAS writes and accumulates in place: no extra pass
+        torch.mm(probs, w_mm, out=grad_hidden_rows)
+        return torch.mm(probs.t(), h) if grad_weight is None else grad_weight.addmm_(probs.t(), h)
+    else:
+        g = probs.to(h.dtype)
+        grad_hidden_rows.copy_(g @ w_mm)
+        g_w = (g.t() @ h).float()
+    return g_w if grad_weight is None else grad_weight.add_(g_w)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, weights, vocab_size, chunk_rows):
+    def forward(ctx, hidden, weight, target, weights, vocab_size, chunk_rows, gemm_backend):
         shape = target.shape
         h_all = hidden.reshape(-1, hidden.shape[-1])
         target = target.reshape(-1)
         w_rows = weights.reshape(-1).float()
         mm_dtype = _matmul_dtype(weight)
         w_mm = weight.to(mm_dtype)
+        backend = gemm.resolve_gemm_backend(gemm_backend, w_mm, w_mm)   # h is cast to w_mm's dtype
         local, outside = _local_target(target, weight.shape[0])
         per_token = torch.empty(target.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty(h_all.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        buffer = torch.empty(min(chunk_rows, h_all.shape[0]), weight.shape[0], dtype=torch.float32,
-                             device=hidden.device)
+        grad_weight = None
+        buffer = None if backend == "onednn" else torch.empty(
+            min(chunk_rows, h_all.shape[0]), weight.shape[0], dtype=torch.float32, device=hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             for r0 in range(0, h_all.shape[0], chunk_rows):
                 h = h_all[r0:r0 + chunk_rows].to(mm_dtype)
                 rows = slice(r0, r0 + h.shape[0])
-                logits = _chunk_logits(h, w_mm, vocab_size, buffer)
+                logits = _chunk_logits(h, w_mm, vocab_size, buffer, backend)
                 row_max = _all_reduce(logits.amax(dim=-1), op=dist.ReduceOp.MAX)
                 logits.sub_(row_max.unsqueeze(-1))
                 idx = local[rows].unsqueeze(-1)
@@ -75,13 +99,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 # d/d logits of w·CE = w·(softmax - onehot), built in place over the chunk.
                 probs.mul_((w_rows[rows] / sum_exp).unsqueeze(-1))
                 probs.scatter_add_(-1, idx, (-w_rows[rows] * (~outside[rows]).float()).unsqueeze(-1))
-                if mm_dtype == torch.float32:     # BLAS accumulates in place: no extra pass
-                    torch.mm(probs, w_mm, out=grad_hidden[rows])
-                    grad_weight.addmm_(probs.t(), h)
-                else:
-                    g = probs.to(mm_dtype)
-                    grad_hidden[rows] = g @ w_mm
-                    grad_weight += g.t() @ h
+                grad_weight = _backprop_chunk(probs, h, w_mm, backend, grad_hidden[rows], grad_weight)
+        if grad_weight is None:      # no rows
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.hidden_shape = hidden.shape
@@ -95,12 +115,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_loss.float()
         return ((grad_hidden * scale).to(ctx.dtypes[0]).view(ctx.hidden_shape),
-                (grad_weight * scale).to(ctx.dtypes[1]), None, None, None, None)
+                (grad_weight * scale).to(ctx.dtypes[1]), None, None, None, None, None)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight_parallel: torch.Tensor,
                                target: torch.Tensor, weights: torch.Tensor, vocab_size: int,
-                               chunk_rows: int = 1024):
+                               chunk_rows: int = 1024, gemm_backend: str = "auto"):
     """``(Σ weights·CE, detached per-token CE)`` of ``hidden @ weight_parallel.T``; see the module doc."""
     if hidden.shape[:-1] != target.shape or weights.shape != target.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)}, target {tuple(target.shape)} and weights "
@@ -108,7 +128,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight_parallel: torch.Tens
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     return _FusedLinearCrossEntropy.apply(hidden, weight_parallel, target, weights, int(vocab_size),
-                                          int(chunk_rows))
+                                          int(chunk_rows), gemm_backend)
 
 
 __all__ = ["fused_linear_cross_entropy"]
