@@ -35,6 +35,7 @@ sys.path.insert(0, ROOT)
 from megatron_alcot.config import ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.optim import OptimizerParamScheduler, build_optimizer  # noqa: E402
+from megatron_alcot.parallel.tensor_parallel import gemm  # noqa: E402
 from megatron_alcot.training.compile import apply_torch_compile  # noqa: E402
 from megatron_alcot.training.ddp import DistributedDataParallel  # noqa: E402
 from megatron_alcot.training.train_step import StepContext, make_forward_step, train_step  # noqa: E402
@@ -46,11 +47,11 @@ SHAPES = {
 }
 
 
-def shape(args) -> ModelConfig:
+def shape(args, gemm_backend: str = "auto") -> ModelConfig:
     return ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
                        vocab_size=args.vocab, make_vocab_size_divisible_by=128, seq_length=args.seq,
                        untie_embeddings_and_output_weights=True, latent_method="vanilla",
-                       latent_max_steps=0)
+                       latent_max_steps=0, cpu_gemm_backend=gemm_backend)
 
 
 def batches(args, n: int):
@@ -64,8 +65,8 @@ def batches(args, n: int):
 
 
 class Ours:
-    def __init__(self, args, dtype, compiled: bool = False):
-        cfg = shape(args)
+    def __init__(self, args, dtype, compiled: bool = False, gemm_backend: str = "auto"):
+        cfg = shape(args, gemm_backend)
         self.cfg = cfg
         model = build_model(cfg, seed=1)
         if compiled:                       # what --torch-compile does in the trainer
@@ -127,6 +128,8 @@ def run_mode(args, dtype, data):
     models = {"ours": ours, "hf": HF(args, dtype, ours.cfg)}
     if args.compile:
         models["compiled"] = Ours(args, dtype, compiled=True)
+    if dtype is None and gemm.auto_prefers_onednn():   # where the fp32 margin comes from
+        models["torch_gemm"] = Ours(args, dtype, gemm_backend="torch")
     start = time.perf_counter()
     for b in data[:2]:                     # warm-up (allocator, oneDNN primitives, compilation)
         for m in models.values():
@@ -144,8 +147,9 @@ def run_mode(args, dtype, data):
     for k, t in med.items():
         out[f"{k}_tok_s"], out[f"{k}_ms"] = tokens / t, 1000 * t
     out["ratio"] = med["hf"] / med["ours"]
-    if "compiled" in med:
-        out["compiled_ratio"] = med["hf"] / med["compiled"]
+    for k in ("compiled", "torch_gemm"):
+        if k in med:
+            out[f"{k}_ratio"] = med["hf"] / med[k]
     return out
 
 
@@ -181,6 +185,9 @@ def main(argv=None) -> int:
                 if "compiled_ratio" in r:
                     line += (f"; --torch-compile {r['compiled_tok_s']:,.0f} tok/s "
                              f"({r['compiled_ms']:.0f} ms/step), ratio {r['compiled_ratio']:.2f}x")
+                if "torch_gemm_ratio" in r:
+                    line += (f"; --cpu-gemm-backend torch {r['torch_gemm_ms']:.0f} ms/step, "
+                             f"ratio {r['torch_gemm_ratio']:.2f}x")
                 print(line, flush=True)
     if not args.no_write:
         write_doc(args, shapes, rows)
@@ -204,10 +211,11 @@ def write_doc(args, shapes, rows) -> None:
         "",
         f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; 1-minute load average at the end: {os.getloadavg()[0]:.1f} "
-        "(other work shares the machine: compare the ratio, not the absolute tok/s).",
+        "(the benchmark's own threads count; compare the ratios, not the absolute tok/s).",
         "",
-        "| shape | precision | HF tok/s | ours tok/s | ours / HF | ours `--torch-compile` tok/s | compiled / HF |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | precision | HF tok/s | ours tok/s | ours / HF | ours `--torch-compile` tok/s | compiled / HF "
+        "| ours `--cpu-gemm-backend torch` / HF |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for shape_name in shapes:
         for mode in args.modes:
@@ -215,8 +223,9 @@ def write_doc(args, shapes, rows) -> None:
             last = runs[-1]
             comp = (f"{last['compiled_tok_s']:,.0f} | {_ratios(runs, 'compiled_ratio')}"
                     if "compiled_ratio" in last else "— | —")
+            torch_gemm = _ratios(runs, "torch_gemm_ratio") or "— (same path)"
             lines.append(f"| {shape_name} | {mode} | {last['hf_tok_s']:,.0f} | {last['ours_tok_s']:,.0f} | "
-                         f"{_ratios(runs, 'ratio')} | {comp} |")
+                         f"{_ratios(runs, 'ratio')} | {comp} | {torch_gemm} |")
     lines += ["", "Shapes (vanilla, no latent steps; parameters equal on both sides):", ""]
     for shape_name, d in shapes.items():
         r = next(r for r in rows if r["shape"] == shape_name)
@@ -236,13 +245,18 @@ def write_doc(args, shapes, rows) -> None:
               "`F.rms_norm`, the LM head fused with the cross entropy over row chunks "
               "(`--cross-entropy-loss-fusion`, on by default: no `[tokens, vocab]` logits) and "
               "`--attention-backend auto` (torch's SDPA flash kernel, except in bf16 on CPUs with at most "
-              "256 keys, where the unfused softmax(QKᵀ)V is 2-3x faster than that kernel's backward). "
+              "256 keys, where the unfused softmax(QKᵀ)V is 2-3x faster than that kernel's backward) and "
+              f"`--cpu-gemm-backend auto` (here: {'oneDNN' if gemm.auto_prefers_onednn() else 'torch'}"
+              " for the fp32 GEMMs of the linear layers and the LM head; see docs/bench_gemm.md). "
               "`--torch-compile` additionally compiles each transformer layer; its one-time warm-up "
               f"(compilation included) took up to {max(r['warmup_s'] for r in rows):.0f} s here.", "",
-              "In fp32 most of either side's step is the same matmuls, already at the CPU's peak, and the same "
-              "SDPA kernel; the difference is the rest (the loss, element-wise work, optimizer), so the fp32 "
-              "margin is small and shows the machine's run-to-run noise. In bf16 the attention core and the "
-              "loss make the difference.", ""]
+              "In fp32 most of a step is GEMMs. HF's `nn.Linear` runs them in torch's default library "
+              "(MKL's sgemm, which picks its kernels by CPU vendor); ours runs them in oneDNN where "
+              "`auto` picks it, at about twice the rate on this CPU (docs/bench_gemm.md). The last column is "
+              "ours on HF's GEMM library: what remains is the fused loss, the element-wise work and the "
+              "optimizer, a margin small enough to show the machine's run-to-run noise. In bf16 both sides' "
+              "GEMMs already run in oneDNN (autocast); the attention core and the loss make the difference.",
+              ""]
     tmp = args.output + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))

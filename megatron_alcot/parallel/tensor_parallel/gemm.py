@@ -10,8 +10,9 @@
 * ``onednn``: oneDNN's fp32 GEMM through ``torch.ops.mkldnn._linear_pointwise`` (the op torch's
   inductor uses for CPU linears), with the backward written here as two more GEMMs.
 * ``auto``: ``onednn`` for fp32 on x86 CPUs not made by Intel, ``torch`` everywhere else. MKL
-  runs its AVX-512 kernels on Intel CPUs only: on an AMD EPYC (Zen 5) its sgemm measured 108
-  GMAC/s on 2 cores against oneDNN's 240 (``bench/bench_gemm.py``).
+  picks its kernels by CPU vendor: on an AMD EPYC (Zen 5) its sgemm measured 108 GMAC/s on 2
+  cores against oneDNN's 240 (``bench/bench_gemm.py``), and ``MKL_ENABLE_INSTRUCTIONS`` did not
+  change that. On Intel CPUs MKL is the library tuned for them, so ``auto`` keeps it.
 
 Only plain fp32 CPU calls are affected: under bf16/fp16 autocast torch already calls oneDNN, and
 GPUs use cuBLAS. Both libraries compute the same products; results agree to fp32 rounding, not
