@@ -145,7 +145,7 @@ class ALCoTMethod(LatentMethod):
         if bool(sel.any()):
             p[sel] = chunked_target_prob(h.detach()[sel], model.output_weight.detach(),
                                          ctx.labels[sel], cfg.latent_prob_chunk,
-                                         vocab_size=cfg.vocab_size)
+                                         vocab_size=cfg.vocab_size, gemm_backend=cfg.cpu_gemm_backend)
         return torch.where(sel, r_next * p.pow(cfg.latent_loss_beta), 0.0)
 
     def finish(self, model, ctx: ALCoTContext) -> ModelOutput:
