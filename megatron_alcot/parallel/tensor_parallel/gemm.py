@@ -65,6 +65,18 @@ def auto_prefers_onednn() -> bool:
     return x86 and cpu_vendor() not in ("", "GenuineIntel") and onednn_available()
 
 
+_MACHINE: Optional[Tuple[bool, bool]] = None
+
+
+def machine_support() -> Tuple[bool, bool]:
+    """``(oneDNN usable, auto picks it)``, probed once. The layers call it when built, so a
+    compiled forward only reads the cached answer."""
+    global _MACHINE
+    if _MACHINE is None:
+        _MACHINE = (onednn_available(), auto_prefers_onednn())
+    return _MACHINE
+
+
 def resolve_gemm_backend(backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
     """``torch`` or ``onednn``: the library that runs ``x @ weight.T`` for this call."""
     if backend not in GEMM_BACKENDS:
@@ -77,18 +89,6 @@ def resolve_gemm_backend(backend: str, x: torch.Tensor, weight: torch.Tensor) ->
         return "torch"
     usable, auto = machine_support()
     return "onednn" if (usable if backend == "onednn" else auto) else "torch"
-
-
-_MACHINE: Optional[Tuple[bool, bool]] = None
-
-
-def machine_support() -> Tuple[bool, bool]:
-    """``(oneDNN usable, auto picks it)``, probed once. The layers call it when built, so a
-    compiled forward only reads the cached answer."""
-    global _MACHINE
-    if _MACHINE is None:
-        _MACHINE = (onednn_available(), auto_prefers_onednn())
-    return _MACHINE
 
 
 def bucket_rows(n: int) -> int:
