@@ -352,14 +352,11 @@ def _validate_deepspeed(args: Arguments) -> None:
         (f"--tensor-model-parallel-size {tp}", tp > 1),
         (f"--pipeline-model-parallel-size {pp}", pp > 1),
         ("--use-distributed-optimizer", par.use_distributed_optimizer),
-        ("--fp16", t.fp16),
-        ("--save", t.save is not None),
-        ("--load", t.load is not None)) if bad]
+        ("--fp16", t.fp16)) if bad]
     if clashes:
         raise ConfigError(f"--deepspeed-config does not combine with {', '.join(clashes)}: the DeepSpeed "
                           "engine runs data parallelism only (TP = PP = 1, ZeRO from its config, bf16 "
-                          "via --bf16), and checkpoints are not written or read through it; use "
-                          "--use-distributed-optimizer for ZeRO with TP/PP, fp16 or checkpoints")
+                          "via --bf16); use --use-distributed-optimizer for ZeRO with TP/PP or fp16")
 
 
 def _prefixes(paths: list) -> list:

@@ -62,11 +62,12 @@ file) raise :class:`CheckpointError` naming the path and the fix.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -234,8 +235,15 @@ def _to_torch_optimizer_sd(payload: dict, optimizer, names_by_id: dict, state_fo
 # --- save -------------------------------------------------------------------------------------
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer=None, scheduler=None, *,
                     consumed_samples: int, config_dict: dict, data_config_hash: Optional[str] = None,
-                    extra: Optional[dict] = None) -> str:
-    """Write ``save_dir/iter_{iteration:07d}`` atomically (collective); returns its path."""
+                    extra: Optional[dict] = None, engine_state: Optional[Callable[[str], dict]] = None,
+                    full_params: Optional[Callable] = None) -> str:
+    """Write ``save_dir/iter_{iteration:07d}`` atomically (collective); returns its path.
+
+    For a training engine with its own state format (DeepSpeed): ``engine_state(tmp_dir) ->
+    json-able dict`` is called on every rank to write that state into the same directory (rank 0's
+    dict becomes the metadata's ``engine`` section), and ``full_params()`` is a context manager
+    in which the model's parameters hold their full values (ZeRO-3) while the model files are
+    written."""
     model = _unwrap(model)
     c = _coords()
     rank = dist.get_rank() if _dist_on() else 0
@@ -253,18 +261,21 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer=None, schedu
         os.makedirs(tmp)
     _barrier()
 
+    engine = engine_state(tmp) if engine_state is not None else None
     offset = _layer_offset(model, c)
-    tensors = _model_tensors(model, offset)
-    entries = {n: _tensor_entry(t, c["tp_size"], c["pp"], n) for n, t in tensors.items()}
     files = {}
 
     def save_to(name, obj):
         files[name] = atomic.write_file_synced(os.path.join(tmp, name),
                                                lambda f: torch.save(obj, f))
 
-    if c["dp"] == 0:
-        save_to(model_file(c["tp"], c["pp"]),
-                {"model": {n: t.detach().cpu() for n, t in tensors.items()}, "iteration": iteration})
+    with (full_params() if full_params is not None else contextlib.nullcontext()):
+        tensors = _model_tensors(model, offset)
+        entries = {n: _tensor_entry(t, c["tp_size"], c["pp"], n) for n, t in tensors.items()}
+        if c["dp"] == 0:
+            save_to(model_file(c["tp"], c["pp"]),
+                    {"model": {n: t.detach().cpu() for n, t in tensors.items()},
+                     "iteration": iteration})
     optim_kind, dp_sharded = None, False
     if optimizer is not None:
         names_by_id = {id(t): n for n, t in tensors.items()}
@@ -286,6 +297,8 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer=None, schedu
     if rank == 0:
         meta = _build_metadata(gathered, c, iteration, consumed_samples, config_dict,
                                data_config_hash, extra, optim_kind, dp_sharded)
+        if engine is not None:
+            meta["engine"] = engine
         text = write_metadata_text(meta)
         atomic.write_file_synced(os.path.join(tmp, METADATA_FILE), lambda f: f.write(text.encode()))
         atomic.commit_directory(tmp, final)
@@ -321,8 +334,11 @@ def _build_metadata(gathered, c, iteration, consumed_samples, config_dict, data_
 # --- load -------------------------------------------------------------------------------------
 def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *,
                     iteration: Optional[int] = None, strict: bool = True, load_optim: bool = True,
-                    load_rng: bool = True, config_dict: Optional[dict] = None) -> dict:
+                    load_rng: bool = True, config_dict: Optional[dict] = None,
+                    load_model: bool = True) -> dict:
     """Restore model (and optimizer, scheduler, RNG) from ``load_dir``; see the module docstring.
+
+    ``load_model=False`` leaves the weights to the caller (an engine that restores its own state).
 
     ``config_dict`` (optional, the same shape as at save time) is compared with the saved config's
     shape fields first, so a wrong ``--num-layers`` reads as a config diff rather than a tensor
@@ -343,7 +359,9 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *,
     reader = ShardReader(path, meta)
     offset = _layer_offset(model, c)
     tensors = _model_tensors(model, offset)
-    missing, unexpected = _load_model(reader, meta, tensors, c, resharded, strict, path)
+    missing, unexpected = [], []
+    if load_model:
+        missing, unexpected = _load_model(reader, meta, tensors, c, resharded, strict, path)
     if optimizer is not None and load_optim:
         _load_optimizer(reader, meta, optimizer, tensors, c, resharded, path)
     own_state = state_file(c["tp"], c["pp"], c["dp"])
@@ -445,6 +463,11 @@ def _load_optimizer(reader, meta, optimizer, tensors, c, resharded, path):
     info = meta["optimizer"]
     no_optim = "pass load_optim=False (--no-load-optim) to load the weights with a fresh optimizer"
     if info["kind"] is None:
+        engine = (meta.get("engine") or {}).get("name")
+        if engine:
+            raise CheckpointError(f"{path} holds its optimizer state in {engine}'s format "
+                                  f"({meta['engine'].get('dir')}/): resume it with the same "
+                                  f"--{engine}-config, or {no_optim}")
         raise CheckpointError(f"{path} holds no optimizer state; {no_optim}")
     names_by_id = {id(t): n for n, t in tensors.items()}
     own_dp = c["dp"] if info["dp_sharded"] else 0

@@ -17,7 +17,8 @@ resume from ``--load``, then run ``train_step`` until ``--train-iters``, logging
 With ``--deepspeed-config PATH`` the model trains through a DeepSpeed engine
 (``optim/deepspeed_glue.py``, ZeRO-1/2/3 over DP, client AdamW from the optimizer flags, our LR
 schedule) and ``train_step`` hands the micro-batches to ``engine.backward`` / ``engine.step``;
-TP/PP > 1, ``--use-distributed-optimizer``, ``--fp16``, ``--save`` and ``--load`` are refused with it.
+TP/PP > 1, ``--use-distributed-optimizer`` and ``--fp16`` are refused with it. Its checkpoints are
+ours plus the engine's own state in ``deepspeed/`` (weights and ZeRO-partitioned optimizer).
 
 ``on_model_built(model)`` lets tests reach the model (e.g. to inject a NaN) before training.
 """
@@ -191,11 +192,12 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                                       overlap_grad_reduce=t.overlap_grad_reduce)
         optimizer = build_optimizer(model, args.optim, t)
     scheduler = OptimizerParamScheduler.from_config(optimizer, args.optim, train_iters)
+    engine = ddp if args.parallel.deepspeed_config is not None else None   # checkpoints its own state
 
     history = History(config=args.to_dict())
     iteration, consumed = 0, 0
     if t.load is not None:
-        iteration, consumed = _load(args, model, optimizer, scheduler, logger)
+        iteration, consumed = _load(args, model, optimizer, scheduler, logger, engine)
     # Resuming restored the RNG streams of the saved run; gradients stay views into the DDP buffer.
     if hasattr(ddp, "zero_grad_buffer"):
         ddp.zero_grad_buffer()
@@ -263,19 +265,19 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                     # Weights are intact, but a resume from here would silently skip the bad data.
                     logger.print(f"iteration {iteration}: checkpoint postponed during a NaN/Inf streak")
                 else:
-                    last_saved = _save(args, iteration, model, optimizer, scheduler, consumed, history)
+                    last_saved = _save(args, iteration, model, optimizer, scheduler, consumed, history, engine)
             reason = _exit_reason(t, iteration, start_time, handler)
             if reason is not None:
                 history.exit_reason = reason
                 if t.save and last_saved != iteration:
-                    last_saved = _save(args, iteration, model, optimizer, scheduler, consumed, history)
+                    last_saved = _save(args, iteration, model, optimizer, scheduler, consumed, history, engine)
                 logger.print(f"exiting at iteration {iteration} ({reason}); checkpoint saved to {t.save}")
                 break
     if history.exit_reason == "finished":
         if t.eval_iters and train_iters > 0:
             history.evals.append(run_eval(iteration=iteration))
         if t.save and last_saved != iteration:
-            _save(args, iteration, model, optimizer, scheduler, consumed, history)
+            _save(args, iteration, model, optimizer, scheduler, consumed, history, engine)
     history.iteration, history.consumed_samples = iteration, consumed
     logger.close()
     return history
@@ -335,30 +337,43 @@ def _exit_reason(t, iteration, start_time, handler) -> Optional[str]:
     return None
 
 
-def _save(args, iteration, model, optimizer, scheduler, consumed, history) -> int:
+def _save(args, iteration, model, optimizer, scheduler, consumed, history, engine=None) -> int:
     ckpt = _checkpoint_api()
-    extra = {}
-    if optimizer.grad_scaler is not None:
+    extra, hooks = {}, {}
+    if engine is not None:     # DeepSpeed keeps the optimizer state; our files hold the rest
+        from megatron_alcot.optim.deepspeed_glue import full_parameters, save_engine_state
+        optimizer = None
+        hooks = dict(engine_state=lambda tmp: save_engine_state(engine, tmp),
+                     full_params=lambda: full_parameters(engine))
+    elif optimizer.grad_scaler is not None:
         extra["grad_scaler"] = optimizer.grad_scaler.state_dict()
     ckpt.save_checkpoint(args.train.save, iteration, model, optimizer, scheduler,
-                         consumed_samples=consumed, config_dict=args.to_dict(), extra=extra)
+                         consumed_samples=consumed, config_dict=args.to_dict(), extra=extra, **hooks)
     history.saved_iterations.append(iteration)
     return iteration
 
 
-def _load(args, model, optimizer, scheduler, logger):
+def _load(args, model, optimizer, scheduler, logger, engine=None):
     ckpt = _checkpoint_api()
     t = args.train
     if ckpt.latest_iteration(t.load) is None:
         logger.print(f"--load {t.load}: no checkpoint there yet; training from scratch")
         return 0, 0
+    if engine is not None:      # our files: scheduler, RNG; DeepSpeed's: weights and optimizer
+        from megatron_alcot.optim.deepspeed_glue import load_engine_state
+        fresh = t.finetune or t.no_load_optim
+        info = ckpt.load_checkpoint(t.load, model, None, None if fresh else scheduler, load_model=False,
+                                    load_optim=not fresh, load_rng=not (t.finetune or t.no_load_rng))
+        load_engine_state(engine, info["path"], info["metadata"], load_optim=not fresh)
+    else:
+        load_optim = not (t.finetune or t.no_load_optim)
+        info = ckpt.load_checkpoint(t.load, model, optimizer if load_optim else None,
+                                    None if t.finetune else scheduler, load_optim=load_optim,
+                                    load_rng=not (t.finetune or t.no_load_rng))
     if t.finetune:
-        info = ckpt.load_checkpoint(t.load, model, load_optim=False, load_rng=False)
         logger.print(f"--finetune: loaded weights of iteration {info['iteration']} from {t.load}; "
                      "iteration and data restart at 0")
         return 0, 0
-    info = ckpt.load_checkpoint(t.load, model, optimizer, scheduler, load_optim=not t.no_load_optim,
-                                load_rng=not t.no_load_rng)
     scaler_state = (info.get("extra") or {}).get("grad_scaler")
     if scaler_state and optimizer.grad_scaler is not None:
         optimizer.grad_scaler.load_state_dict(scaler_state)
