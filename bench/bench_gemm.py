@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from megatron_alcot.parallel.tensor_parallel import gemm  # noqa: E402
+from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 # (label, rows, in, out): tokens x fan-in -> fan-out
 SHAPES = [
@@ -103,10 +104,8 @@ def write_doc(args, rows) -> None:
               "CPU `MKL_ENABLE_INSTRUCTIONS` does not change its rate); oneDNN picks its kernels from the "
               "CPU's instruction set, whoever made it. On Intel CPUs `auto` keeps torch's path "
               "(not measured here).", ""]
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_output(args.output, "w") as f:
         f.write("\n".join(lines))
-    os.replace(tmp, args.output)
     print(f"-> {args.output}")
 
 

@@ -36,6 +36,7 @@ from megatron_alcot.config import ModelConfig, OptimizerConfig, TrainConfig  # n
 from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.optim import OptimizerParamScheduler, build_optimizer  # noqa: E402
 from megatron_alcot.parallel.tensor_parallel import gemm  # noqa: E402
+from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 from megatron_alcot.training.compile import apply_torch_compile  # noqa: E402
 from megatron_alcot.training.ddp import DistributedDataParallel  # noqa: E402
 from megatron_alcot.training.train_step import StepContext, make_forward_step, train_step  # noqa: E402
@@ -257,10 +258,8 @@ def write_doc(args, shapes, rows) -> None:
               "optimizer, a margin small enough to show the machine's run-to-run noise. In bf16 both sides' "
               "GEMMs already run in oneDNN (autocast); the attention core and the loss make the difference.",
               ""]
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_output(args.output, "w") as f:
         f.write("\n".join(lines))
-    os.replace(tmp, args.output)
     print(f"-> {args.output}")
 
 
