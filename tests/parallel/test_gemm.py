@@ -124,7 +124,8 @@ def test_model_same_loss_and_gradients_in_both_libraries(method):
                 r.bias.fill_(0.5)
         out = model(tokens, labels=labels)
         out.loss.backward()
-        results[backend] = (out, [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()])
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in model.parameters()]
+        results[backend] = (out, grads)
     (a, ga), (b, gb) = results["onednn"], results["torch"]
     if method == "alcot":     # some tokens halt early: compacted laps with bucketed (padded) rows
         assert torch.equal(a.num_steps, b.num_steps) and len(a.num_steps.unique()) >= 2
