@@ -36,6 +36,11 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{_flag(name)} {value!r} is unknown; choose one of {', '.join(choices)}")
+
+
 @dataclass
 class ModelConfig:
     """LLaMA shape plus the latent-step method (DESIGN §2). Defaults are a tiny CPU model."""
@@ -150,24 +155,13 @@ class ModelConfig:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                 f"--num-query-groups {self.query_groups}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ConfigError(f"--attention-backend {self.attention_backend!r} is unknown; "
-                              f"choose one of {', '.join(ATTENTION_BACKENDS)}")
-        if self.cpu_gemm_backend not in GEMM_BACKENDS:
-            raise ConfigError(f"--cpu-gemm-backend {self.cpu_gemm_backend!r} is unknown; "
-                              f"choose one of {', '.join(GEMM_BACKENDS)}")
+        for name, choices in (("attention_backend", ATTENTION_BACKENDS), ("cpu_gemm_backend", GEMM_BACKENDS),
+                              ("latent_method", LATENT_METHODS), ("latent_readout", LATENT_READOUTS),
+                              ("latent_loss_scope", LATENT_LOSS_SCOPES)):
+            _check_choice(name, getattr(self, name), choices)
         if self.cpu_gemm_backend == "onednn" and not _has_onednn():
             raise ConfigError("--cpu-gemm-backend onednn: this torch build has no oneDNN "
                               "(torch.backends.mkldnn.is_available() is False); use auto or torch")
-        if self.latent_method not in LATENT_METHODS:
-            raise ConfigError(f"--latent-method {self.latent_method!r} is unknown; "
-                              f"choose one of {', '.join(LATENT_METHODS)}")
-        if self.latent_readout not in LATENT_READOUTS:
-            raise ConfigError(f"--latent-readout {self.latent_readout!r} is unknown; "
-                              f"choose one of {', '.join(LATENT_READOUTS)}")
-        if self.latent_loss_scope not in LATENT_LOSS_SCOPES:
-            raise ConfigError(f"--latent-loss-scope {self.latent_loss_scope!r} is unknown; "
-                              f"choose one of {', '.join(LATENT_LOSS_SCOPES)}")
         if self.latent_max_steps < 0:
             raise ConfigError(f"--latent-max-steps must be >= 0, got {self.latent_max_steps}")
         if self.latent_method in ("loop", "pause", "ponder") and self.latent_max_steps < 1:
@@ -329,9 +323,7 @@ class OptimizerConfig:
             raise ConfigError("--lr and --min-lr must be >= 0")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
-        if self.lr_decay_style not in LR_DECAY_STYLES:
-            raise ConfigError(f"--lr-decay-style {self.lr_decay_style!r} is unknown; "
-                              f"choose one of {', '.join(LR_DECAY_STYLES)}")
+        _check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
         if self.lr_warmup_fraction is not None:
             if self.lr_warmup_iters:
                 raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
