@@ -14,3 +14,8 @@ def _deterministic_threads():
     import torch
     torch.use_deterministic_algorithms(False)
     yield
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: spawns process worlds or trains for many steps (seconds each)")
+    config.addinivalue_line("markers", "system: needs system services the test setup installs (Slurm, Open MPI)")
