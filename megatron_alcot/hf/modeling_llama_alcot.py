@@ -198,6 +198,14 @@ class LlamaAlcotLatent(nn.Module):
             self.pause_embedding = nn.Parameter(torch.zeros(config.hidden_size))
 
 
+def _router_prob(router: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(w·h + b)`` in fp32 whatever the model's dtype or an enclosing autocast: in bf16, g
+    at init would be 0.90234375, not 0.9, and ``1 - g`` (the exit mass) loses most of its bits."""
+    with torch.autocast(h.device.type, enabled=False):
+        logit = F.linear(h.float(), router.weight.float(), router.bias.float())
+        return torch.sigmoid(logit.squeeze(-1))
+
+
 # ----------------------------------------------------------------------------- models
 class LlamaAlcotPreTrainedModel(PreTrainedModel):
     config_class = LlamaAlcotConfig
@@ -359,7 +367,7 @@ class LlamaAlcotForCausalLM(LlamaAlcotPreTrainedModel, GenerationMixin):
                                         active[:, idx], cache)
             h = u.new_zeros(b, T, hdim).index_copy(1, idx, rows)
             if k < steps:
-                g = torch.sigmoid(self.latent.routers[k](h.float())).squeeze(-1)
+                g = _router_prob(self.latent.routers[k], h)
                 r_next = reach * g
                 cont = active & (r_next >= tau)
                 exit_mass = torch.where(active, torch.where(cont, reach * (1.0 - g), reach), 0.0)
@@ -370,14 +378,14 @@ class LlamaAlcotForCausalLM(LlamaAlcotPreTrainedModel, GenerationMixin):
             if cfg.latent_readout == "prob":
                 term = exit_mass[..., None] * torch.softmax(self.lm_head(h).float(), dim=-1)
             else:
-                term = exit_mass[..., None].to(h.dtype) * h
+                term = exit_mass[..., None] * h.float()      # fp32 readout weights and sum
             readout = term if readout is None else readout + term
             num_steps = num_steps + cont.long()
             active = cont
             u = h
         if cfg.latent_readout == "prob":
             return torch.log(readout.clamp_min(torch.finfo(readout.dtype).tiny)), num_steps
-        return self.lm_head(readout), num_steps
+        return self.lm_head(readout.to(self.lm_head.weight.dtype)), num_steps
 
     # ------------------------------------------------------------------ HF API
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,

@@ -2,13 +2,19 @@
 
     routers = Routers(hidden_size, max_steps=3, init_prob=0.9)   # latent.routers.{k}: fp32 h -> 1
     g = routers.continue_prob(k, h)                  # [b, s] fp32, sigmoid(w_k·h + b_k)
-    r_next, cont, e = halting_step(reach, g, active, tau, decide)
+    r_next, cont, e = halting_step(reach, g, active, tau, k, halting)
 
 Reach ``r_{t,0} = 1``, ``r_{t,k+1} = r_{t,k}·g_{t,k}``; step k+1 runs iff ``r_{t,k+1} >= τ`` (and the
 token ran step k); the exit mass of step k is ``r·(1-g)`` if the token goes on, else all of the
 remaining reach ``r``, so the masses of executed steps sum to 1.
 
-``decide`` forces halting in tests: ``"learned"`` (the rule above), ``"never"`` (every step runs),
+Precision: everything here is fp32 whatever the caller's precision. Under autocast (``--bf16``,
+``--fp16``) the router's GEMV would run in bf16 (g at init 0.90234375 instead of 0.9; ``1 - g``
+loses most of its bits past g = 0.98), so :func:`router_logit` turns autocast off and upcasts ``h``
+and the weights; a router stored in bf16 (DeepSpeed's bf16 mode casts every parameter) is still
+evaluated in fp32, from its rounded weights. Reach and exit masses are fp32 products of fp32 inputs.
+
+``halting`` forces halting in tests: ``"learned"`` (the rule above), ``"never"`` (every step runs),
 ``"always"`` (no latent step runs) or a callable ``fn(k, r_next, active) -> bool [b, s]``.
 """
 from __future__ import annotations
@@ -17,6 +23,7 @@ import math
 from typing import Callable, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Halting = Union[str, Callable]
@@ -35,8 +42,16 @@ class Routers(nn.ModuleList):
                 r.bias.fill_(math.log(init_prob / (1.0 - init_prob)))
 
     def continue_prob(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        """``g_{·,k}`` fp32 ``[...]`` from ``h [..., hidden]`` (computed in fp32)."""
-        return torch.sigmoid(self[k](h.float()).squeeze(-1))
+        """``g_{·,k}`` fp32 ``[...]`` from ``h [..., hidden]`` (computed in fp32, autocast off)."""
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.sigmoid(router_logit(self[k], h))
+
+
+def router_logit(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
+    """``w·h + b`` fp32 ``[...]`` of a ``Linear(h, 1)``, with autocast off and every input upcast."""
+    with torch.autocast(h.device.type, enabled=False):
+        bias = linear.bias.float() if linear.bias is not None else None
+        return F.linear(h.float(), linear.weight.float(), bias).squeeze(-1)
 
 
 def check_halting(halting: Halting) -> None:
@@ -48,6 +63,7 @@ def check_halting(halting: Halting) -> None:
 def halting_step(reach: torch.Tensor, g: torch.Tensor, active: torch.Tensor, tau: float,
                  step: int, halting: Halting = "learned"):
     """(r_next, cont, exit_mass) after step ``step`` for tokens that ran it (``active``)."""
+    reach, g = reach.float(), g.float()
     r_next = reach * g
     if callable(halting):
         go = halting(step, r_next, active).to(torch.bool)

@@ -34,7 +34,8 @@ from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel import gemm, mappings
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (mask_padded_vocab,
                                                                    vocab_parallel_cross_entropy)
-from megatron_alcot.parallel.tensor_parallel.fused_linear_cross_entropy import fused_linear_cross_entropy
+from megatron_alcot.parallel.tensor_parallel.fused_linear_cross_entropy import (chunk_rows_for,
+                                                                              fused_linear_cross_entropy)
 from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
 
 
@@ -124,7 +125,7 @@ class LlamaModel(nn.Module):
                 h.requires_grad or w.requires_grad):
             mask = loss_mask.float()
             weights = mask / mask.sum().clamp_min(1.0)
-            chunk = max(32, (1 << 20) // w.shape[0])   # ~4 MB of fp32 logits per chunk
+            chunk = chunk_rows_for(h.device, w.shape[0], labels.numel())
             return fused_linear_cross_entropy(mappings.copy_to_tensor_model_parallel_region(h), w,
                                               labels, weights, self.config.vocab_size, chunk,
                                               gemm_backend=self.config.cpu_gemm_backend)

@@ -112,3 +112,27 @@ def test_model_loss_and_grads_match_unfused(method, steps):
     for name in g_plain:
         torch.testing.assert_close(g_fused[name], g_plain[name], atol=1e-6, rtol=1e-4,
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_chunk_sizing_by_device():
+    from megatron_alcot.parallel.tensor_parallel.fused_linear_cross_entropy import chunk_rows_for
+    assert chunk_rows_for("cpu", 50304, 10**6) == 32            # ~4 MiB of fp32 logits
+    gpu = chunk_rows_for("cuda", 50304, 4 * 2048)
+    assert gpu >= 4096 and -(-4 * 2048 // gpu) <= 4              # weight read a bounded number of times
+    assert -(-10**6 // chunk_rows_for("cuda", 50304, 10**6)) <= 4
+    assert chunk_rows_for("cuda", 50304, 100) == 100 and chunk_rows_for("cpu", 8, 5) == 5
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", 32, 4096])
+def test_device_sized_chunks_match_unfused(device):
+    """The chunk sizes each device would pick (GPU sizing forced on CPU), the CPU's and the GPU's
+    minimum row counts, against the unfused path."""
+    from megatron_alcot.parallel.tensor_parallel.fused_linear_cross_entropy import chunk_rows_for
+    x, w, target, mask = _inputs(2)
+    x = x.repeat(1, 60, 1)                      # 3 x 2220 rows: two chunks at the GPU's 4096 minimum
+    target, mask = target.repeat(1, 60), mask.repeat(1, 60)
+    chunk = device if isinstance(device, int) else chunk_rows_for(device, PADDED, target.numel())
+    fused = _grads(lambda a, b: fused_linear_cross_entropy(a, b, target, mask / mask.sum(), VOCAB, chunk), x, w)
+    ref = _grads(lambda a, b: _unfused(a, b, target, mask), x, w)
+    for name, a, e in zip(("loss", "per-token loss", "d hidden", "d weight"), fused, ref):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -18,6 +18,15 @@ the per-rank ``d hidden``); three small all-reduces per chunk give the global ma
 target logit. Vocabulary padding (ids >= ``vocab_size``) takes no mass, as in the model's LM head.
 Under autocast the matmuls run in the autocast dtype and everything else in fp32; plain fp32 CPU
 matmuls run in the library ``gemm_backend`` picks (``gemm.py``).
+
+Chunk size by device (:func:`chunk_rows_for`): each chunk reads the weight twice (logits, then
+``d hidden``) and adds one ``[V/tp, h]`` fp32 term to ``d weight``, so fewer, larger chunks pay
+off where memory allows. On CPUs a chunk holds about 4 MiB of fp32 logits (it stays in cache:
+32 rows at V = 50304); on GPUs about 1 GiB and at least 4096 rows, and never more than
+``GPU_MAX_CHUNKS`` chunks per call, so the weight is read at most ``2 · GPU_MAX_CHUNKS`` times per
+micro-batch::
+
+    rows = chunk_rows_for(hidden.device, weight_parallel.shape[0], num_rows=hidden.numel() // h)
 """
 from __future__ import annotations
 
@@ -29,6 +38,22 @@ import torch.distributed as dist
 from megatron_alcot.parallel.tensor_parallel import gemm
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (LOG2E, _all_reduce, _local_target,
                                                                    mask_padded_vocab)
+
+
+CHUNK_LOGIT_BYTES = {"cpu": 4 << 20, "cuda": 1 << 30}   # fp32 logits per chunk
+MIN_CHUNK_ROWS = {"cpu": 32, "cuda": 4096}
+GPU_MAX_CHUNKS = 4
+
+
+def chunk_rows_for(device, vocab_per_rank: int, num_rows: int) -> int:
+    """Rows per chunk for ``num_rows`` rows against a ``[vocab_per_rank, h]`` weight on ``device``
+    (a ``torch.device`` or its type; accelerators other than CPU are sized like CUDA)."""
+    kind = device if isinstance(device, str) else device.type
+    kind = "cpu" if kind == "cpu" else "cuda"
+    rows = max(MIN_CHUNK_ROWS[kind], CHUNK_LOGIT_BYTES[kind] // (4 * max(1, vocab_per_rank)))
+    if kind == "cuda":
+        rows = max(rows, -(-num_rows // GPU_MAX_CHUNKS))
+    return max(1, min(rows, num_rows))
 
 
 def _matmul_dtype(t: torch.Tensor) -> torch.dtype:
@@ -127,4 +152,4 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight_parallel: torch.Tens
                                           int(chunk_rows), gemm_backend)
 
 
-__all__ = ["fused_linear_cross_entropy"]
+__all__ = ["chunk_rows_for", "fused_linear_cross_entropy"]
