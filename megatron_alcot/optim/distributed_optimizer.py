@@ -14,7 +14,8 @@ of the same layout (fp32 parameters: ``.grad`` is a view into it; bf16/fp16 para
 each new ``.grad`` into it). ``reduce_gradients`` divides by DP and reduce-scatters the buffer in
 place, so each rank then holds the summed gradient of its own range. ``step`` unscales, takes the
 global norm (sum of squares over the owned range, all-reduced over DP and then over TP × PP, with
-TP-replicated parameters counted on TP rank 0 only, as ``clip_grads.get_grad_norm`` does), clips,
+TP-replicated parameters counted on TP rank 0 only and the last stage's tied-embedding copy left
+out, as ``clip_grads.get_grad_norm`` does), clips,
 runs ``torch.optim.AdamW`` on the owned range and all-gathers the updated parameters in place.
 
 Master weights: with fp32 parameters the owned range of the parameter buffer *is* the master
@@ -147,6 +148,8 @@ class DistributedOptimizer:
         tp_rank0 = state.get_tensor_model_parallel_rank() == 0
         self._norm_ranges = []
         for p, off in zip(self.params, self.offsets):
+            if getattr(p, "shared_embedding", False):
+                continue     # the last stage's tied-embedding copy: the first stage counts it
             if getattr(p, "tensor_model_parallel", False) or tp_rank0:
                 a, b = max(off, lo), min(off + p.numel(), hi)
                 if b > a:

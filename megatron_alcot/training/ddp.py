@@ -27,6 +27,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_alcot.optim.tied_embedding import tied_embedding_weight
 from megatron_alcot.parallel import state
 
 
@@ -80,6 +81,9 @@ class DistributedDataParallel(torch.nn.Module):
                 start, current = offset, []
         if current:
             self._add_bucket(current, start, offset)
+        # The tied-embedding copy is summed over the embedding group first (train_step), so its
+        # bucket waits for finish_grad_sync.
+        self._deferred = tied_embedding_weight(module)
         self._hooks = []
         if self.overlap:
             for p in params:
@@ -112,7 +116,7 @@ class DistributedDataParallel(torch.nn.Module):
         bucket.launched = True
 
     def _on_grad_ready(self, param: torch.nn.Parameter) -> None:
-        if not self._sync_enabled:
+        if not self._sync_enabled or param is self._deferred:
             return
         index = self._bucket_of[id(param)]
         self.buckets[index].pending.discard(id(param))

@@ -6,7 +6,8 @@
     stats.loss, stats.updated, stats.nan_skip, stats.grad_norm, stats.depth_counts
 
 With ``pipeline_model_parallel_size > 1`` the model is this rank's stage and the lap pipeline runs
-the micro-batches; the tied embedding's two copies get their summed gradient, and the last stage's
+the micro-batches; the tied embedding's two copies get their summed gradient (before the
+data-parallel reduction, which may be ZeRO's reduce-scatter), and the last stage's
 statistics reach every stage before the data-parallel reduce, so all ranks report the same numbers.
 
 Statistics of all micro-batches and data-parallel ranks travel in one small all-reduce, so every
@@ -26,8 +27,8 @@ from typing import Callable, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
 from megatron_alcot.parallel import state
-from megatron_alcot.parallel.pipeline import allreduce_tied_embedding_grads
 from megatron_alcot.training.schedules import get_forward_backward_func
 
 
@@ -176,9 +177,10 @@ def train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Optional
     fb = get_forward_backward_func(ctx.pipeline_model_parallel_size, ctx.autocast_dtype)
     infos = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
                num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss)
+    # Tied-embedding copies first: the data-parallel reduction may be a sharded reduce-scatter.
+    allreduce_tied_embedding_grads(model)
     if hasattr(model, "finish_grad_sync"):
         model.finish_grad_sync()
-    allreduce_tied_embedding_grads(model)
     total = reduce_stats(gather_stage_infos(infos, ctx.model_cfg, ctx.device,
                                             ctx.pipeline_model_parallel_size)).cpu()
     stats = unpack_stats(total)

@@ -10,9 +10,10 @@ from megatron_alcot.config import ConfigError, ParallelConfig
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
 from megatron_alcot.parallel import state
-from megatron_alcot.parallel.pipeline import (allreduce_tied_embedding_grads, backward_rounds,
-                                              build_pipeline_stage, forward_backward_pipelining_with_laps,
-                                              infos_from_last_stage, layer_ranges)
+from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
+from megatron_alcot.parallel.pipeline import (backward_rounds, build_pipeline_stage,
+                                              forward_backward_pipelining_with_laps, infos_from_last_stage,
+                                              layer_ranges)
 
 B, S, SEED, MICRO = 2, 8, 77, 3
 
@@ -102,11 +103,11 @@ def _pipeline_body(rank, world_size, cases):
             data_iterator=iter(case["batches"]), model=model, num_microbatches=len(case["batches"]),
             halting=case["halting"], lap_trace=trace, forward_only=case.get("forward_only", False),
             max_in_flight=case.get("max_in_flight"))
+        allreduce_tied_embedding_grads(model)
         if case.get("trainer_step"):
             model.finish_grad_sync()
             numel = 6 + case["cfg"].num_latent_steps + 1
             infos = infos_from_last_stage(infos, numel)
-        allreduce_tied_embedding_grads(model)
         grads = {}
         for name, p in stage.named_parameters():
             if getattr(p, "shared_embedding", False):

@@ -1,10 +1,8 @@
-"""This rank's pipeline stage, the layer split, and the tied-embedding gradient sum.
+"""This rank's pipeline stage and the layer split.
 
     stage = build_pipeline_stage(model_cfg, parallel_cfg, seed=1234)         # after initialize_model_parallel
     stage = build_pipeline_stage(cfg, pcfg, layer_split="3,5")               # explicit layers per stage
     layer_ranges(8, 2) == [(0, 4), (4, 8)]; layer_ranges(8, 2, "3,5") == [(0, 3), (3, 8)]
-    ...backward...
-    allreduce_tied_embedding_grads(stage)     # after the schedule, before the optimizer step
 
 The model draws every weight from a generator seeded by (seed, parameter name) and names layers by
 their global index, so the stages of any split hold exactly the weights of the PP = 1 model.
@@ -12,9 +10,6 @@ their global index, so the stages of any split hold exactly the weights of the P
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
-
-import torch
-import torch.distributed as dist
 
 from megatron_alcot.config import ConfigError
 from megatron_alcot.parallel import state
@@ -82,27 +77,3 @@ def build_pipeline_stage(model_cfg, parallel_cfg=None, seed: int = 1234, *, laye
     ranges = layer_ranges(model_cfg.num_layers, pp, layer_split)
     return build_model(model_cfg, parallel_cfg, pre_process=rank == 0, post_process=rank == pp - 1,
                        layer_range=ranges[rank], seed=seed)
-
-
-def tied_embedding_weight(stage) -> Optional[torch.Tensor]:
-    """The copy of the tied embedding this stage holds when it is split from its twin, else None."""
-    module = getattr(stage, "module", stage)
-    if module.config.untie_embeddings_and_output_weights or (module.pre_process and module.post_process):
-        return None
-    if module.pre_process:
-        return module.embedding.word_embeddings.weight
-    if module.post_process:
-        return module.output_layer.weight
-    return None
-
-
-def allreduce_tied_embedding_grads(stage) -> None:
-    """Sum the gradients of the input embedding (first stage) and its tied LM-head copy (last
-    stage) over the embedding group, so both copies take the same step. No-op with PP = 1,
-    untied weights, or on middle stages."""
-    weight = tied_embedding_weight(stage)
-    if weight is None or state.get_pipeline_model_parallel_world_size() == 1:
-        return
-    if weight.grad is None:
-        weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=state.get_embedding_group())

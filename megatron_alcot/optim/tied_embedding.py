@@ -1,0 +1,51 @@
+"""The tied input embedding / LM head split over pipeline stages: one gradient for both copies.
+
+    ...forward-backward of all micro-batches...
+    allreduce_tied_embedding_grads(model)     # first: the embedding copies get the summed gradient
+    model.finish_grad_sync()                  # then the data-parallel (or ZeRO sharded) reduction
+    optimizer.step()
+
+With PP > 1 and tied weights the first stage holds the input embedding and the last stage a copy
+(``output_layer.weight``, marked ``shared_embedding``). Their gradients are summed over the
+embedding group *before* the data-parallel reduction: a ZeRO optimizer reduce-scatters the flat
+gradient buffer, after which a rank holds only its own range reduced (and under ZeRO-2 frees the
+rest), so a later sum would mix reduced, stale and freed values. The gradient norm counts the
+tied weight once (the ``shared_embedding`` copy is left out of it).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_alcot.parallel import state
+
+
+def tied_embedding_weight(model) -> Optional[torch.Tensor]:
+    """The copy of the tied embedding this stage holds when it is split from its twin, else None.
+    ``model`` is a stage or any wrapper with ``.module`` (DDP, ZeRO's model wrapper)."""
+    module = model
+    while hasattr(module, "module"):
+        module = module.module
+    if not hasattr(module, "pre_process"):
+        return None          # not a model stage (a bare module under DDP)
+    if module.config.untie_embeddings_and_output_weights or (module.pre_process and module.post_process):
+        return None
+    if module.pre_process:
+        return module.embedding.word_embeddings.weight
+    if module.post_process:
+        return module.output_layer.weight
+    return None
+
+
+def allreduce_tied_embedding_grads(model) -> None:
+    """Sum the gradients of the input embedding (first stage) and its tied LM-head copy (last
+    stage) over the embedding group, so both copies take the same step. No-op with PP = 1,
+    untied weights, or on middle stages. Call before the data-parallel gradient reduction."""
+    weight = tied_embedding_weight(model)
+    if weight is None or state.get_pipeline_model_parallel_world_size() == 1:
+        return
+    if weight.grad is None:
+        weight.grad = torch.zeros_like(weight)
+    dist.all_reduce(weight.grad, group=state.get_embedding_group())
