@@ -1,6 +1,7 @@
-# The two commands a new user needs:
+# The commands a new user needs:
 #   make quickstart   build the embedded corpus, train a tokenizer, preprocess, train tiny ALCoT + vanilla on CPU
-#   make test         install everything into .venv and run the whole test suite on CPU
+#   make test         install everything into .venv and run the whole test suite on CPU (what CI runs)
+#   make test-fast    the development subset: no process worlds, no long training, no Slurm/MPI
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 EXTRAS    ?= test,hf,eval,deepspeed
 
-.PHONY: install quickstart test bench clean
+.PHONY: install quickstart test test-fast bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,9 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not system" tests
 
 clean:
 	rm -rf $(VENV) quickstart_out bench_out

@@ -19,3 +19,16 @@ def _deterministic_threads():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: spawns process worlds or trains for many steps (seconds each)")
     config.addinivalue_line("markers", "system: needs system services the test setup installs (Slurm, Open MPI)")
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny matmuls only gain contention from threads on shared CI cores.
+
+        pytestmark = pytest.mark.usefixtures("one_thread")
+    """
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

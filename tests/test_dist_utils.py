@@ -1,6 +1,9 @@
+import pytest
 import torch
 
 from dist_utils import run_distributed
+
+pytestmark = pytest.mark.slow
 
 
 def _sum_ranks(rank, world_size, base):

@@ -17,6 +17,8 @@ from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel.random import model_parallel_seed
 from standin import StandIn, config_dict
 
+pytestmark = pytest.mark.slow
+
 V = 1000                     # true vocabulary; padded 1056 at TP=1, 1152 at TP=2 (divisible by 96)
 TOKENS = torch.arange(16).reshape(2, 8) * 61 % V
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))

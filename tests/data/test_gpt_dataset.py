@@ -206,6 +206,7 @@ def _build_on_rank(rank, world_size, prefix, cache):
         ds[5]["tokens"]
 
 
+@pytest.mark.slow
 def test_distributed_build_rank0_then_load(corpus, tmp_path):
     from dist_utils import run_distributed
     cache = str(tmp_path / "dist_cache")

@@ -25,6 +25,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from dist_utils import free_port  # noqa: F401 - the launcher tests import it from here
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_alcot.py")
 
@@ -42,12 +44,6 @@ class Unavailable(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # Processes and packages
 # ----------------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as s:

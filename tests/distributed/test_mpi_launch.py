@@ -8,6 +8,8 @@ import pytest
 from system_setup import (PRETRAIN, REPO_ROOT, Unavailable, assert_curves_match, clean_env,
                           free_port, open_mpi_command, output_flags, reference_curve, tiny_argv)
 
+pytestmark = pytest.mark.system
+
 
 @pytest.fixture(scope="module")
 def mpirun():

@@ -50,6 +50,7 @@ def _job_script(path, out, argv, out_dir, host) -> str:
     return path
 
 
+@pytest.mark.system
 def test_srun_two_tasks_match_single_process(slurm, tmp_path):
     argv = tiny_argv()
     out = str(tmp_path / "job.out")

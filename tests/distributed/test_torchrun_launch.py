@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from system_setup import (PRETRAIN, REPO_ROOT, assert_curves_match, clean_env, output_flags,
                           reference_curve, tiny_argv)
+
+pytestmark = pytest.mark.slow
 
 
 def torchrun_command():

@@ -1,4 +1,4 @@
-"""The loop, pause and ponder baselines against direct formulas of ``reference/method.md`` §3 on the
+"""The loop, pause and ponder baselines against direct formulas of docs/method.md §9 on the
 full weights (logits, loss, gradients), their output contract, and ponder/pause/loop under TP = 2
 (vocab-parallel softmax and ``P·W_E``) equal to TP = 1."""
 import io
@@ -16,16 +16,10 @@ from megatron_alcot.model.presets import preset
 from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel import merge_shards
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, S, K = 2, 8, 2
 V_TRUE = 250          # padded to 256: ponder must give the padding rows probability 0
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny matmuls: threads only add contention on shared CI cores
-    yield
-    torch.set_num_threads(n)
 
 
 def _rms(x, w, eps):
@@ -188,6 +182,7 @@ def _worker(rank, world_size):
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_tensor_parallel_baselines_match_single_process():
     ref = _run(1)
     got = torch.load(io.BytesIO(run_distributed(_worker, 2)[0]), weights_only=True)

@@ -10,15 +10,9 @@ from megatron_alcot.model.generation import generate
 from megatron_alcot.model.kv_cache import LatentKVCache, decode
 from megatron_alcot.model.presets import preset
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 S, K, TAU = 20, 3, 0.3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny matmuls: threads only add contention on shared CI cores
-    yield
-    torch.set_num_threads(n)
 
 
 def _model(method="alcot", **kw):
@@ -161,6 +155,7 @@ def _tp_generate(rank, world_size):
     return res.tokens.tolist(), res.latent_steps.tolist(), res.cache.num_entries()
 
 
+@pytest.mark.slow
 def test_tensor_parallel_generation_equals_single_process():
     from dist_utils import run_distributed
     ref = _tp_generate(0, 1)

@@ -8,13 +8,7 @@ import torch
 from megatron_alcot.model import build_model, flops
 from megatron_alcot.model.presets import preset
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny matmuls: threads only add contention on shared CI cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _brute_pairs(num_steps):

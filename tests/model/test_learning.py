@@ -7,15 +7,9 @@ import torch
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
 
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
 SEQ, BATCH, STEPS = 64, 8, 100
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)    # tiny matmuls: threads only add contention on shared CI cores
-    yield
-    torch.set_num_threads(n)
 
 
 def byte_text() -> torch.Tensor:

@@ -3,6 +3,7 @@ vanilla and ALCoT, with and without sequence parallelism (compacted rows padded 
 TP), for the hidden and the probability readout."""
 import io
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -13,6 +14,8 @@ from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
 from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel import merge_shards
+
+pytestmark = pytest.mark.slow
 
 B, S = 2, 12
 CASES = [("vanilla", "hidden", False), ("vanilla", "hidden", True), ("alcot", "hidden", False),

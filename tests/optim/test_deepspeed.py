@@ -112,6 +112,7 @@ def _reference(stage):
     return {n.removeprefix("model."): p for n, p in model.named_parameters()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stages", [(1, 2), (3,)], ids=["zero1-2", "zero3"])
 def test_deepspeed_zero_stages_match_single_process(stages):
     pytest.importorskip("deepspeed")

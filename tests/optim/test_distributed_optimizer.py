@@ -192,6 +192,7 @@ def reference():
     return _reference()
 
 
+@pytest.mark.slow
 def test_dp2_matches_single_process_and_ddp(dp2, reference):
     _, ref_params, ref_norms, _ = reference
     for out in dp2:
@@ -203,6 +204,7 @@ def test_dp2_matches_single_process_and_ddp(dp2, reference):
     assert all(torch.equal(dp2[0]["params"][n], dp2[1]["params"][n]) for n in ref_params)
 
 
+@pytest.mark.slow
 def test_state_is_sharded_over_dp(dp2, reference):
     _, _, _, ref_adam = reference
     numel = sum(s["exp_avg"].numel() for s in ref_adam.values())
@@ -212,6 +214,7 @@ def test_state_is_sharded_over_dp(dp2, reference):
         assert out["shard"]["shard"]["exp_avg"].numel() == -(-numel // 2)
 
 
+@pytest.mark.slow
 def test_full_state_matches_reference_and_merges_offline(dp2, reference):
     _, _, _, ref_adam = reference
     full = dp2[0]["full"]
@@ -229,6 +232,7 @@ def test_full_state_matches_reference_and_merges_offline(dp2, reference):
     assert set(full["param_groups"][0]["params"]) == decay
 
 
+@pytest.mark.slow
 def test_round_trip_and_reshard_dp2_to_dp1(dp2):
     assert all(out["round_trip_equal"] for out in dp2)
     # DP = 1 resumes from the gathered state and takes the fourth step on the full batch.
@@ -245,6 +249,7 @@ def test_round_trip_and_reshard_dp2_to_dp1(dp2):
         torch.testing.assert_close(p.detach(), dp2[0]["params_step4"][name], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bf16_params_keep_fp32_master(dp2):
     ref = _reference("bfloat16")
     full = dp2[0]["bf16_full"]
@@ -270,6 +275,7 @@ def _tp_body(rank, world):
                   "tp": state.get_tensor_model_parallel_rank(), "dp": state.get_data_parallel_rank()})
 
 
+@pytest.mark.slow
 def test_dp2_tp2_matches_single_process(reference):
     _, ref_params, ref_norms, _ = reference
     outs = _unpack(run_distributed(_tp_body, 4))

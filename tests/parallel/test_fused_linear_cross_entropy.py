@@ -78,6 +78,7 @@ def _tp2_body(rank, world, inp, ref):
     return True
 
 
+@pytest.mark.slow
 def test_tp2_matches_single_process():
     inp = _inputs(2)
     ref = _grads(lambda a, b: _unfused(a, b, inp[2], inp[3]), inp[0], inp[1])

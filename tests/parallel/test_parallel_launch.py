@@ -117,6 +117,7 @@ def _free_port_in_slurm_range():
     pytest.skip("no free port in [20000, 40000)")
 
 
+@pytest.mark.slow
 def test_init_distributed_from_slurm_env_starts_a_gloo_world():
     import torch.multiprocessing as mp
     port = _free_port_in_slurm_range()

@@ -98,5 +98,6 @@ def _check_all_configs(rank, world_size):
     return True
 
 
+@pytest.mark.slow
 def test_rank_layout_world4_all_configs():
     assert run_distributed(_check_all_configs, 4) == [True] * 4

@@ -182,6 +182,7 @@ def _pp2_cases():
     return cases
 
 
+@pytest.mark.slow
 def test_pp2_matches_single_process():
     """PP = 2: same losses, ℓ_t and gradients as PP = 1 for ALCoT (learned with mixed depths, a
     micro-batch halted after step 1, never), vanilla, loop and pause; tied and untied embeddings;
@@ -190,6 +191,7 @@ def test_pp2_matches_single_process():
     _check(run_distributed(_pipeline_body, 2, cases), cases)
 
 
+@pytest.mark.slow
 def test_pp4_uneven_and_pp2_tp2():
     """Four stages with an uneven split, 3 of 4 micro-batches in flight, and PP = 2 x TP = 2."""
     cases = [{"name": "pp4-uneven", "pp": 4,

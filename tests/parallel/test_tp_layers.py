@@ -4,6 +4,7 @@ single-process (TP = 1) computation: forward outputs, input gradients and gather
 The TP = 1 reference runs in the test process; each spawned world runs every check (several TP
 sizes one after another) so that only two worlds are started.
 """
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -315,11 +316,13 @@ def test_tp1_reference_matches_plain_torch():
                                 reduction="none").reshape(B, S), "bf16 logits, fp32 inside")
 
 
+@pytest.mark.slow
 def test_tp2_matches_single_process():
     inp, ref = reference()
     assert run_distributed(_tp_body, 2, inp, ref, [2]) == [True] * 2
 
 
+@pytest.mark.slow
 def test_tp4_and_tp2_dp2_match_single_process():
     inp, ref = reference()
     assert run_distributed(_tp_body, 4, inp, ref, [4, 2]) == [True] * 4

@@ -64,6 +64,7 @@ def test_lm_eval_adapter_matches_evaluate(exported, capsys):
     assert isinstance(out, str)
 
 
+@pytest.mark.slow
 def test_lm_eval_cli_on_export_matches_native(exported, capsys):
     pytest.importorskip("lm_eval")
     pytest.importorskip("accelerate")

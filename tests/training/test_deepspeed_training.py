@@ -47,6 +47,7 @@ def _config(tmp_path, stage):
     return str(path)
 
 
+@pytest.mark.slow
 def test_deepspeed_zero_stages_match_single_process(tmp_path):
     pytest.importorskip("deepspeed")
     reference = _curve(train(ARGV))
@@ -89,6 +90,7 @@ def _resume_traces(rank, world, cases):
             for straight, first, second in cases]
 
 
+@pytest.mark.slow
 def test_deepspeed_resume_is_bitwise_exact_and_checkpoints_serve_other_runs(tmp_path):
     """2 steps + save + resume + 2 steps = 4 straight steps, at ZeRO-2 and ZeRO-3, DP = 2; the
     checkpoint also holds the full weights (HF export, runs without DeepSpeed)."""

@@ -6,6 +6,8 @@ from megatron_alcot.training.train import train
 from _tiny import tiny_argv
 from dist_utils import run_distributed
 
+pytestmark = pytest.mark.slow
+
 ARGV = tiny_argv(train_iters=5, clip_grad=0.5)
 
 

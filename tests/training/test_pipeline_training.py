@@ -37,6 +37,7 @@ def _assert_same(curve, reference):
         assert step == pytest.approx(ref_step, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_pipeline_matches_single_process_and_resumes_at_pp1(tmp_path):
     ckpt, metrics = str(tmp_path / "ckpt"), tmp_path / "metrics.jsonl"
     ref_steps, ref_evals = _curve(train(tiny_argv(train_iters=4, **FLAGS)))

@@ -61,6 +61,7 @@ def test_resume_with_dropout_is_bitwise_exact(tmp_path):
     assert _trace(first) + _trace(second) == straight
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
     d = str(tmp_path / "ckpt")
     cmd = [sys.executable, "-u", os.path.join(REPO, "pretrain_alcot.py"),
@@ -110,6 +111,7 @@ _KILL_DURING_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_resumes_from_previous(tmp_path, reference):
     d = str(tmp_path / "ckpt")
     script = tmp_path / "killed_run.py"

@@ -2,6 +2,7 @@
 import os
 import signal
 
+import pytest
 import torch
 
 from dist_utils import run_distributed
@@ -35,5 +36,6 @@ def _one_rank_signalled(rank, world):
     return seen
 
 
+@pytest.mark.slow
 def test_all_ranks_agree():
     assert run_distributed(_one_rank_signalled, 2) == [[False, True, False], [False, True, True]]

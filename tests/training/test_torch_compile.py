@@ -16,6 +16,7 @@ def _curve(history):
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="inductor needs a C++ compiler on CPU")
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["vanilla", "alcot"])
 def test_compiled_layers_follow_the_eager_curve(method):
     kw = dict(latent_method=method, train_iters=3, latent_threshold=0.5)

@@ -30,6 +30,7 @@ def _assert_follows(curve, eager):
         assert s1 == s2
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_compiled_pipeline_follows_the_eager_curve():
     eager = _curve(train(tiny_argv(**KW)))
@@ -39,6 +40,7 @@ def test_compiled_pipeline_follows_the_eager_curve():
     _assert_follows(ranks[0], eager)
 
 
+@pytest.mark.slow
 @needs_compiler
 def test_compiled_deepspeed_follows_the_eager_curve(tmp_path):
     pytest.importorskip("deepspeed")

@@ -93,6 +93,7 @@ def _grad_norms(rank, world, tp):
     return norm
 
 
+@pytest.mark.slow
 def test_grad_norm_across_tensor_parallel_matches_single_process():
     # Same padded vocabulary at TP 1 and 2 (64 × 2 = 128), so the two models are the same function.
     single = _grad_norms(0, 1, 1)
