@@ -43,7 +43,7 @@ def _check_choice(name: str, value, choices) -> None:
 
 @dataclass
 class ModelConfig:
-    """LLaMA shape plus the latent-step method (DESIGN §2). Defaults are a tiny CPU model."""
+    """LLaMA shape plus the latent-step method (docs/method.md). Defaults are a tiny CPU model."""
 
     num_layers: int = 2                       # --num-layers
     hidden_size: int = 64                     # --hidden-size
@@ -66,7 +66,7 @@ class ModelConfig:
     cpu_gemm_backend: str = "auto"            # --cpu-gemm-backend {auto,torch,onednn} (parallel/tensor_parallel/gemm.py)
     params_dtype: str = "float32"             # parameter storage dtype ("float32", "bfloat16", "float16")
 
-    # --- latent steps (DESIGN §2); every value is a --latent-* flag ---
+    # --- latent steps (docs/method.md); every value is a --latent-* flag ---
     latent_method: str = "alcot"              # --latent-method {vanilla,alcot,loop,pause,ponder}
     latent_max_steps: int = 3                 # --latent-max-steps (ℓmax; K for the baselines)
     latent_threshold: float = 0.1             # --latent-threshold (τ, halting threshold on reach)
@@ -265,7 +265,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    """Where samples come from (Megatron's data flags, DESIGN §5)."""
+    """Where samples come from (Megatron's data flags, docs/data_format.md §3)."""
 
     data_path: list = field(default_factory=list)        # --data-path [w1] p1 [w2 p2 ...]
     split: str = "969,30,1"                             # --split
@@ -292,7 +292,7 @@ RECOMPUTE_METHODS = ("uniform", "block")
 
 @dataclass
 class OptimizerConfig:
-    """AdamW and its learning-rate schedule (Megatron semantics, DESIGN §4).
+    """AdamW and its learning-rate schedule (Megatron semantics, docs/architecture.md §2).
 
         >>> OptimizerConfig(lr=3e-4, min_lr=3e-5, lr_warmup_fraction=0.02).validate(train_iters=50000)
     """

@@ -116,7 +116,8 @@ INVESTIGATIONS: List[Variant] = [
     # gives vanilla the same input scale, to separate the scale from the latent steps.
     Variant("inv_vanilla_embed_scaled", "vanilla with ALCoT's embedding scale sqrt(2.5·h)", "vanilla",
             ("--latent-embed-scale", "{embed_scale}")),
-    Variant("inv_alcot_scope_continued", "ALCoT, penalty only where the token goes on (DESIGN's Σ_{k<ℓ_t})",
+    Variant("inv_alcot_scope_continued",
+            "ALCoT, penalty only where the token goes on (Σ_{k<ℓ_t} of docs/method.md §6)",
             "alcot3", ("--latent-loss-scope", "continued")),
     Variant("inv_alcot_default_loss", "ALCoT, the framework's default loss (λ=0.03, β=1, continued)", "alcot3",
             alcot_loss_flags(0.03, 1.0, "continued")),

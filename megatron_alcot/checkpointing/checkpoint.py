@@ -1,4 +1,4 @@
-"""Sharded, atomic, topology-aware checkpoints (DESIGN §6).
+"""Sharded, atomic, topology-aware checkpoints (docs/architecture.md §7).
 
 Save (every rank calls it, collectively, after the optimizer step of ``iteration``)::
 

@@ -13,7 +13,7 @@ Sample ``i`` of a :class:`GPTDataset` is token-for-token the sample ``i`` of Meg
                      # tokens int64[s], labels int64[s], loss_mask float32[s], position_ids int64[s]
                      # (+ attention_segment_ids int64[s] with reset_attention_mask=True)
 
-The algorithm (Megatron's, reference/anchors.md §1.3):
+The algorithm (Megatron's, docs/data_format.md §2):
 
 * epochs ``E`` = smallest ``E >= 1`` with ``E·tokens_per_epoch >= num_samples·seq_length + 1``;
 * document index: the split's sequence ids repeated ``E`` times (int32), shuffled by

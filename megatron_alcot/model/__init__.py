@@ -1,4 +1,4 @@
-"""The LLaMA model with latent steps (DESIGN §2, §4).
+"""The LLaMA model with latent steps (docs/method.md, docs/architecture.md §5).
 
     from megatron_alcot.model import build_model
     model = build_model(model_cfg, parallel_cfg)               # PP = 1: one stage holds everything

@@ -2,7 +2,7 @@
 
 One lap computes step k for its active tokens. Its queries attend to the keys/values of the
 earlier laps of the same layer (passed in, never recomputed, kept in the autograd graph) plus its
-own. The rule of DESIGN §2: query (t, k) sees key (t', k') iff t' <= t, k' <= k and (t', k') was
+own. The rule of docs/method.md §3: query (t, k) sees key (t', k') iff t' <= t, k' <= k and (t', k') was
 executed. The k' <= k part is structural (only blocks of steps <= k are passed); the rest is the
 boolean mask built by :func:`attention_mask` from each block's ``order``/``valid``.
 

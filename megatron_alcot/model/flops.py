@@ -1,4 +1,4 @@
-"""Analytic FLOPs of what executed (DESIGN §2), for ALCoT and the fixed-depth baselines.
+"""Analytic FLOPs of what executed (docs/method.md §10), for ALCoT and the fixed-depth baselines.
 
     flops = training_flops(cfg, num_steps)              # num_steps: [b, s] ℓ_t of one micro-batch
     flops = forward_flops(cfg, num_steps)               # inference: forward only, no target probs

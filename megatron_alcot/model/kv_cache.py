@@ -1,4 +1,4 @@
-"""Inference KV cache keyed by (layer, step), and incremental decoding on top of it (DESIGN §2).
+"""Inference KV cache keyed by (layer, step), and incremental decoding on top of it (docs/method.md §8).
 
     cache = LatentKVCache()
     out = decode(model, cache, prompt_ids)            # prefill: the parallel forward, K/V harvested

@@ -13,7 +13,7 @@ import torch
 
 @dataclass
 class LapState:
-    """What passes from lap to lap (and stage to stage): static shapes, DESIGN §4.
+    """What passes from lap to lap (and stage to stage): static shapes, docs/architecture.md §5.
 
     ``hidden`` is the input of this lap's first layer on the first stage (step-0 embedding or the
     fed-back ``h_{·,k-1}``), and the previous stage's output on later stages.

@@ -1,4 +1,4 @@
-"""Routers and the halting rule of ALCoT (DESIGN §2).
+"""Routers and the halting rule of ALCoT (docs/method.md §4).
 
     routers = Routers(hidden_size, max_steps=3, init_prob=0.9)   # latent.routers.{k}: fp32 h -> 1
     g = routers.continue_prob(k, h)                  # [b, s] fp32, sigmoid(w_k·h + b_k)

@@ -1,4 +1,4 @@
-"""Train / validation iterators driven by consumed samples (DESIGN §5).
+"""Train / validation iterators driven by consumed samples (docs/data_format.md §2).
 
     train_it, make_valid_it = build_iterators(args, tokenizer, train_iters, consumed_samples,
                                               dp_rank, dp_size)

@@ -1,4 +1,4 @@
-"""FLOPs of what executed (DESIGN §2) and the resulting TFLOP/s and MFU.
+"""FLOPs of what executed (docs/method.md §10) and the resulting TFLOP/s and MFU.
 
     meter = FlopsMeter(model_cfg, tp=1)
     flops = meter.micro_batch_flops(num_steps)      # num_steps: [b, s] executed latent steps ℓ_t

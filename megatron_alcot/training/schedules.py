@@ -1,4 +1,4 @@
-"""Forward-backward schedules over the micro-batches of one global batch (DESIGN §4).
+"""Forward-backward schedules over the micro-batches of one global batch (docs/architecture.md §2).
 
     fb = get_forward_backward_func(pipeline_model_parallel_size=1)        # or PP > 1: the lap pipeline
     outputs = fb(forward_step_func=step, data_iterator=it, model=ddp_model, num_microbatches=8)

@@ -1,4 +1,4 @@
-"""Fixed-depth baselines of the paper's comparisons (``reference/method.md`` §3), on the lap contract.
+"""Fixed-depth baselines of the paper's comparisons (docs/method.md §9), on the lap contract.
 
     cfg = preset("tiny", latent_method="loop", latent_max_steps=3)    # or "pause", "ponder"
     out = build_model(cfg)(tokens, labels=labels, loss_mask=loss_mask)

@@ -1,4 +1,4 @@
-"""Loop baseline: the whole layer stack applied K+1 times (``reference/method.md`` §3.2).
+"""Loop baseline: the whole layer stack applied K+1 times (docs/method.md §9.2).
 
     cfg = preset("tiny", latent_method="loop", latent_max_steps=3)
     out = build_model(cfg)(tokens, labels=labels)

@@ -1,4 +1,4 @@
-"""Pause-token baseline (``reference/method.md`` §3.3).
+"""Pause-token baseline (docs/method.md §9.3).
 
     cfg = preset("tiny", latent_method="pause", latent_max_steps=3)
     out = build_model(cfg)(tokens, labels=labels)

@@ -1,4 +1,4 @@
-"""PonderLM baseline (``reference/method.md`` §3.4, the PonderLM-2 repository's variant).
+"""PonderLM baseline (docs/method.md §9.4, the PonderLM-2 repository's variant).
 
     cfg = preset("tiny", latent_method="ponder", latent_max_steps=3)
     out = build_model(cfg)(tokens, labels=labels)

@@ -1,4 +1,5 @@
-"""Pipeline parallelism with latent laps (DESIGN §4): stage construction, p2p messages, schedule.
+"""Pipeline parallelism with latent laps: stage construction, p2p messages, schedule
+(docs/architecture.md §8).
 
     from megatron_alcot.parallel.pipeline import build_pipeline_stage, forward_backward_pipelining_with_laps
     from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads

@@ -1,5 +1,5 @@
 """Pipeline-parallel forward-backward over micro-batches whose forward is several laps around the
-ring of stages (DESIGN §4).
+ring of stages (docs/architecture.md §8).
 
     infos = forward_backward_pipelining_with_laps(
         forward_step_func=step, data_iterator=it, model=stage, num_microbatches=4,

@@ -1,4 +1,4 @@
-"""Point-to-point messages between pipeline stages, with static shapes (DESIGN §4).
+"""Point-to-point messages between pipeline stages, with static shapes (docs/architecture.md §8).
 
 A lap message carries one micro-batch's lap state around the ring of stages::
 
