@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import random
 import time
 from dataclasses import dataclass, field
@@ -37,10 +36,14 @@ import torch
 import torch.distributed as dist
 
 from megatron_alcot.arguments import Arguments, parse_args, validate_args, world_size_from_env
+from megatron_alcot.checkpointing import checkpoint as ckpt
 from megatron_alcot.config import ConfigError
+from megatron_alcot.data.tokenizers import build_tokenizer
+from megatron_alcot.model import build_model
 from megatron_alcot.optim import OptimizerParamScheduler, build_optimizer
 from megatron_alcot.parallel import device as device_lib
 from megatron_alcot.parallel import state
+from megatron_alcot.parallel.tensor_parallel.random import model_parallel_seed
 from megatron_alcot.training.ddp import DistributedDataParallel
 from megatron_alcot.training.evaluate import evaluate
 from megatron_alcot.training.flops_meter import FlopsMeter
@@ -70,25 +73,14 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-    try:
-        from megatron_alcot.parallel.tensor_parallel.random import model_parallel_seed
-        model_parallel_seed(seed)
-    except ImportError:
-        pass
+    model_parallel_seed(seed)
 
 
 def _build_model(args: Arguments) -> torch.nn.Module:
     if args.parallel.pipeline_model_parallel_size > 1:
         from megatron_alcot.parallel.pipeline import build_pipeline_stage
         return build_pipeline_stage(args.model, args.parallel, seed=args.train.seed)
-    from megatron_alcot.model import build_model
-    params = inspect.signature(build_model).parameters
-    kwargs = {}
-    if "seed" in params:
-        kwargs["seed"] = args.train.seed
-    if "parallel_cfg" in params or len(params) > 1:
-        return build_model(args.model, args.parallel, **kwargs)
-    return build_model(args.model, **kwargs)
+    return build_model(args.model, args.parallel, seed=args.train.seed)
 
 
 def _autocast_dtype(args: Arguments) -> Optional[torch.dtype]:
@@ -116,18 +108,8 @@ def _setup_distributed(args: Arguments) -> bool:
 
 
 def _build_tokenizer(args: Arguments):
-    from megatron_alcot.data.tokenizers import build_tokenizer
     d = args.data
-    params = inspect.signature(build_tokenizer).parameters
-    kwargs = {"tokenizer_model": d.tokenizer_model}
-    if "vocab_size" in params:
-        kwargs["vocab_size"] = d.vocab_size
-    return build_tokenizer(d.tokenizer_type, **kwargs)
-
-
-def _checkpoint_api():
-    from megatron_alcot.checkpointing import checkpoint as ckpt
-    return ckpt
+    return build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model, vocab_size=d.vocab_size)
 
 
 def prepare(argv: Optional[Sequence[str]] = None, args: Optional[Arguments] = None):
@@ -338,7 +320,6 @@ def _exit_reason(t, iteration, start_time, handler) -> Optional[str]:
 
 
 def _save(args, iteration, model, optimizer, scheduler, consumed, history, engine=None) -> int:
-    ckpt = _checkpoint_api()
     extra, hooks = {}, {}
     if engine is not None:     # DeepSpeed keeps the optimizer state; our files hold the rest
         from megatron_alcot.optim.deepspeed_glue import full_parameters, save_engine_state
@@ -354,7 +335,6 @@ def _save(args, iteration, model, optimizer, scheduler, consumed, history, engin
 
 
 def _load(args, model, optimizer, scheduler, logger, engine=None):
-    ckpt = _checkpoint_api()
     t = args.train
     if ckpt.latest_iteration(t.load) is None:
         logger.print(f"--load {t.load}: no checkpoint there yet; training from scratch")
