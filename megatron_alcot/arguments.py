@@ -29,6 +29,7 @@ from megatron_alcot.config import (ATTENTION_BACKENDS, GEMM_BACKENDS, LATENT_LOS
                                    LATENT_READOUTS, LR_DECAY_STYLES, RECOMPUTE_GRANULARITIES,
                                    RECOMPUTE_METHODS, ConfigError, DataConfig, LoggingConfig,
                                    ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig)
+from megatron_alcot.data.utils import parse_blend, parse_split
 
 TOKENIZER_TYPES = ("NullTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
                    "Llama2Tokenizer", "HuggingFaceTokenizer")
@@ -359,27 +360,6 @@ def _validate_deepspeed(args: Arguments) -> None:
                           "via --bf16); use --use-distributed-optimizer for ZeRO with TP/PP or fp16")
 
 
-def _prefixes(paths: list) -> list:
-    """Dataset prefixes of a Megatron ``[w1] p1 [w2 p2 ...]`` list."""
-    out = []
-    for item in paths:
-        try:
-            float(item)
-        except ValueError:
-            out.append(item)
-    return out
-
-
-def _is_weighted_list(paths: list) -> bool:
-    if len(paths) % 2:
-        return False
-    try:
-        [float(w) for w in paths[0::2]]
-    except ValueError:
-        return False
-    return len(_prefixes(paths[1::2])) == len(paths) // 2
-
-
 def _validate_data(data: DataConfig, model: ModelConfig, train: TrainConfig) -> None:
     sources = [bool(data.data_path), bool(data.train_data_path), bool(data.mock_data)]
     if sum(sources) == 0:
@@ -391,21 +371,14 @@ def _validate_data(data: DataConfig, model: ModelConfig, train: TrainConfig) -> 
     for flag, paths in (("--data-path", data.data_path), ("--train-data-path", data.train_data_path),
                         ("--valid-data-path", data.valid_data_path),
                         ("--test-data-path", data.test_data_path)):
-        if len(_prefixes(paths)) != len(paths) and not _is_weighted_list(paths):
-            raise ConfigError(f"{flag}: give either prefixes or weight/prefix pairs 'w1 p1 w2 p2'")
-        for prefix in _prefixes(paths):
+        blend = parse_blend(paths, flag)
+        for prefix in blend[0] if blend else []:
             for ext in (".bin", ".idx"):
                 if not os.path.exists(prefix + ext):
                     raise ConfigError(f"{flag}: {prefix + ext} does not exist (a prefix names the "
                                       "pair PREFIX.bin/PREFIX.idx written by tools/preprocess_data.py, "
                                       "e.g. data/corpus_text_document)")
-    parts = data.split.replace("/", ",").split(",")
-    try:
-        weights = [float(x) for x in parts if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--split {data.split!r}: expected comma-separated numbers like 969,30,1")
-    if not weights or len(weights) > 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"--split {data.split!r}: expected up to three non-negative numbers like 969,30,1")
+    parse_split(data.split)
     if data.tokenizer_type not in TOKENIZER_TYPES:
         raise ConfigError(f"--tokenizer-type {data.tokenizer_type!r} is unknown; "
                           f"choose one of {', '.join(TOKENIZER_TYPES)}")
