@@ -2,6 +2,7 @@
 path cost when it does nothing?
 
     python bench/bench_halting_compute.py --reps 7 --out docs/bench_halting_compute.md
+    python bench/bench_halting_compute.py --precision fp32     # default auto: bf16 autocast where bf16 is fast
 
 Measured side by side in one run, variants interleaved (order shuffled per repetition), one
 forward + backward each, median over repetitions of the per-repetition time ratio:
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -29,10 +29,12 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.model import build_model, flops  # noqa: E402
 from megatron_alcot.model.attention import split_grouped_qkv  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
 from megatron_alcot.model.rotary import apply_rotary  # noqa: E402
+from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 
 def halve_active(step, reach_next, active):
@@ -98,9 +100,17 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1,
                     help="intra-op threads (1: the development machine's cores are shared)")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="auto: bf16 autocast where a bf16 matmul measured faster than fp32 here")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "bench_halting_compute.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    precision = args.precision
+    if precision == "auto":
+        decision = hardware.precision_choice("cpu")
+        hardware.log_choice("--precision", decision, print)
+        precision = decision.choice
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     torch.manual_seed(0)
     b, s = args.batch, args.seq
     shape = dict(seq_length=s)
@@ -115,15 +125,20 @@ def main():
     def run(model, **kw):
         def fn():
             model.zero_grad(set_to_none=True)
-            return model(tokens, labels=labels, **kw).loss
+            with autocast:
+                return model(tokens, labels=labels, **kw).loss
         return fn
+
+    def plain():
+        with autocast:
+            return plain_llama_loss(m0, tokens, labels)
 
     halting_variants = {
         "fixed": run(m3, halting="never"),
         "halved": run(m3, halting=halve_active),
         "halved_masked": run(m3, halting=halve_active, compact=False),
     }
-    overhead_variants = {"alcot_l0": run(m0), "plain": lambda: plain_llama_loss(m0, tokens, labels)}
+    overhead_variants = {"alcot_l0": run(m0), "plain": plain}
     with torch.no_grad():
         steps_halved = m3(tokens, halting=halve_active).num_steps
         loss_check = (m0(tokens, labels=labels).lm_loss.item(), plain_llama_loss(m0, tokens, labels).item())
@@ -152,9 +167,9 @@ def main():
         "ratio of the fastest run of each variant (the least disturbed by other jobs).",
         "",
         f"Setup: preset `small` (4 layers, hidden 256, 4 heads, FFN 688, vocab 1024), batch {b}, "
-        f"seq {s}, fp32, CPU, {args.threads} intra-op thread(s), {args.reps} repetitions of (a) "
+        f"seq {s}, {precision if precision == 'fp32' else 'bf16 autocast'}, CPU, {args.threads} intra-op thread(s), {args.reps} repetitions of (a) "
         f"and {args.reps_overhead} of (b) "
-        f"({wall:.0f} s). Machine: {platform.processor() or platform.machine()}, "
+        f"({wall:.0f} s). Machine: {hardware.machine().describe()}, "
         f"{os.cpu_count()} cores shared with other jobs (load average at the end: "
         f"{os.getloadavg()[0]:.1f}).",
         "",
@@ -206,7 +221,7 @@ def main():
     text = "\n".join(lines)
     print(text)
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
+        with atomic_output(args.out, "w") as f:
             f.write(text)
 
 

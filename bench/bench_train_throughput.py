@@ -1,6 +1,6 @@
 """Training throughput (tokens/s) of our vanilla LLaMA vs Hugging Face ``LlamaForCausalLM``.
 
-    python bench/bench_train_throughput.py                       # both shapes, fp32 and bf16, writes docs/
+    python bench/bench_train_throughput.py                       # both shapes, fp32 (+ bf16 where fast), writes docs/
     python bench/bench_train_throughput.py --shapes quickstart --modes fp32 --repeats 1 --no-write
     python bench/bench_train_throughput.py --hidden 512 --seq 512 --no-write   # a custom shape
 
@@ -32,6 +32,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.config import ModelConfig, OptimizerConfig, TrainConfig  # noqa: E402
 from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.optim import OptimizerParamScheduler, build_optimizer  # noqa: E402
@@ -154,6 +155,14 @@ def run_mode(args, dtype, data):
     return out
 
 
+def precision_modes(precision: str) -> list:
+    if precision == "auto":
+        decision = hardware.precision_choice("cpu")
+        hardware.log_choice("--precision", decision, print)
+        return ["fp32", "bf16"] if decision.choice == "bf16" else ["fp32"]
+    return ["fp32", "bf16"] if precision == "both" else [precision]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
@@ -163,12 +172,15 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=4, help="steps per model per round")
     p.add_argument("--repeats", type=int, default=2, help="times the whole comparison runs")
-    p.add_argument("--modes", nargs="*", default=["fp32", "bf16"])
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
+                   help="auto: fp32, and bf16 too where a bf16 matmul measured faster than fp32 here")
+    p.add_argument("--modes", nargs="*", choices=("fp32", "bf16"), default=None, help="same as --precision")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the --torch-compile contender")
     p.add_argument("--output", default=os.path.join(ROOT, "docs", "bench_train_throughput.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    args.modes = args.modes or precision_modes(args.precision)
     custom = {k: getattr(args, k) for k in SHAPES["quickstart"] if getattr(args, k) is not None}
     shapes = {"custom": dict(SHAPES["quickstart"], **custom)} if custom else {k: SHAPES[k] for k in args.shapes}
     rows = []
@@ -199,6 +211,17 @@ def _ratios(rows, key):
     return " / ".join(f"{r[key]:.2f}x" for r in rows if key in r)
 
 
+def isa_limits() -> str:
+    env = {k: os.environ[k] for k in hardware.ISA_ENV if os.environ.get(k)}
+    return ", ".join(f"{k}={v}" for k, v in env.items()) or "none (the CPU's own kernels)"
+
+
+def precision_note(args) -> str:
+    if "bf16" in args.modes:
+        return ""
+    return f"bf16 not run: {hardware.precision_choice('cpu').reason}."
+
+
 def write_doc(args, shapes, rows) -> None:
     lines = [
         "# Training throughput: megatron_alcot vs Hugging Face LlamaForCausalLM (CPU)",
@@ -210,9 +233,10 @@ def write_doc(args, shapes, rows) -> None:
         f"The whole comparison ran {args.repeats} times; tok/s are from the last run, the ratio columns",
         "list every run.",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"Machine: {hardware.machine().describe()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}; 1-minute load average at the end: {os.getloadavg()[0]:.1f} "
-        "(the benchmark's own threads count; compare the ratios, not the absolute tok/s).",
+        "(the benchmark's own threads count; compare the ratios, not the absolute tok/s). "
+        f"ISA limits: {isa_limits()}. {precision_note(args)}",
         "",
         "| shape | precision | HF tok/s | ours tok/s | ours / HF | ours `--torch-compile` tok/s | compiled / HF "
         "| ours `--cpu-gemm-backend torch` / HF |",
@@ -248,12 +272,14 @@ def write_doc(args, shapes, rows) -> None:
               "`--attention-backend auto` (torch's SDPA flash kernel, except in bf16 on CPUs with at most "
               "256 keys, where the unfused softmax(QKᵀ)V is 2-3x faster than that kernel's backward) and "
               f"`--cpu-gemm-backend auto` (here: {'oneDNN' if gemm.auto_prefers_onednn() else 'torch'}"
-              " for the fp32 GEMMs of the linear layers and the LM head; see docs/bench_gemm.md). "
+              " for the fp32 GEMMs of the linear layers and the LM head, as measured by "
+              f"megatron_alcot.hardware: {hardware.gemm_choice().reason.split(';')[0]}; "
+              "see docs/bench_gemm.md). "
               "`--torch-compile` additionally compiles each transformer layer; its one-time warm-up "
               f"(compilation included) took up to {max(r['warmup_s'] for r in rows):.0f} s here.", "",
               "In fp32 most of a step is GEMMs. HF's `nn.Linear` runs them in torch's default library "
               "(MKL's sgemm, which picks its kernels by CPU vendor); ours runs them in oneDNN where "
-              "`auto` picks it, at about twice the rate on this CPU (docs/bench_gemm.md). The last column is "
+              "`auto` measured it faster. The last column is "
               "ours on HF's GEMM library: what remains is the fused loss, the element-wise work and the "
               "optimizer, a margin small enough to show the machine's run-to-run noise. In bf16 both sides' "
               "GEMMs already run in oneDNN (autocast); the attention core and the loss make the difference.",

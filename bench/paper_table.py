@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "handbook, fortunes and the Jargon File (5 MB, no package in common)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="training precision; auto: the preset's bf16 on GPUs, and on CPUs only where a bf16 "
+                        "matmul measured faster than fp32 (megatron_alcot.hardware), else fp32")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--skip-sweep", action="store_true")
     p.add_argument("--investigate", nargs="*", default=None, metavar="VARIANT",
@@ -82,8 +85,22 @@ def _machine() -> dict:
     except OSError:
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    from megatron_alcot import hardware
     return {"cores": os.cpu_count(), "cpu_model": model, "torch": torch.__version__,
+            "cpu_isa": " ".join(hardware.machine().isa),
             "load_average_start": " / ".join(f"{x:.1f}" for x in load) if load else None}
+
+
+def resolve_bf16(precision: str, spec) -> bool:
+    """Whether the runs train under bf16 autocast; ``auto`` logs its reason on one line."""
+    if precision != "auto":
+        return precision == "bf16"
+    if spec.gpus or not spec.bf16:
+        return spec.bf16
+    from megatron_alcot import hardware
+    decision = hardware.precision_choice("cpu")
+    hardware.log_choice("--precision", decision, print)
+    return decision.choice == "bf16"
 
 
 def _torchrun(spec, argv) -> str:
@@ -306,9 +323,10 @@ def main(argv=None) -> int:
     import torch
     torch.set_num_threads(opts.threads)
     spec = with_iters(PRESETS[opts.preset], opts.iters)
+    from dataclasses import replace
     if opts.vocab_size:
-        from dataclasses import replace
         spec = replace(spec, vocab_size=opts.vocab_size)
+    spec = replace(spec, bf16=resolve_bf16(opts.precision, spec))
     out = os.path.abspath(opts.output_dir)
     os.makedirs(out, exist_ok=True)
     start = time.time()

@@ -2,6 +2,7 @@
 held-out evaluation -> Hugging Face export -> generation -> report.
 
     python -m megatron_alcot.quickstart --output-dir quickstart_out     # ~700 CPU-s: ~6 min on 2 idle cores
+    python -m megatron_alcot.quickstart --output-dir out --precision fp32   # default auto: bf16 where measured fast
     python -m megatron_alcot.quickstart --output-dir out --quick        # a few iterations per model (tests)
     python -m megatron_alcot.quickstart --output-dir out --stages evaluate export generate report
 
@@ -44,6 +45,7 @@ from typing import Callable, List
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPLIT = "95,5,0"
+PRECISIONS = ("auto", "bf16", "fp32")
 # Defaults of the full run and of --quick; a flag given explicitly wins over both.
 FULL = dict(train_iters=300, global_batch_size=16, micro_batch_size=8, eval_iters=8, eval_documents=None,
             generate_tokens=32)
@@ -366,6 +368,16 @@ def write_results(ctx: Context) -> str:
     return path
 
 
+def resolve_precision(precision: str) -> str:
+    """``bf16`` or ``fp32``; ``auto`` asks the hardware probe and logs its answer on one line."""
+    if precision != "auto":
+        return precision
+    from megatron_alcot import hardware
+    decision = hardware.precision_choice("cpu")
+    hardware.log_choice("--precision", decision, print)
+    return decision.choice
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m megatron_alcot.quickstart", description=__doc__.split("\n")[0])
     p.add_argument("--output-dir", default="quickstart_out")
@@ -383,8 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=12, help="prompt = first N tokens of a held-out document")
     p.add_argument("--export-tolerance", type=float, default=1e-3, help="max abs logit difference allowed")
     p.add_argument("--latent-max-steps", type=int, default=3)
-    p.add_argument("--no-bf16", dest="bf16", action="store_false",
-                   help="train in fp32 (bf16 autocast is the default; faster on CPUs with avx512_bf16)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="bf16 autocast or fp32 training; auto: bf16 where a bf16 matmul measured faster than "
+                        "fp32 on this CPU (megatron_alcot.hardware), fp32 elsewhere")
+    p.add_argument("--no-bf16", dest="precision", action="store_const", const="fp32", help="same as --precision fp32")
     p.add_argument("--stages", nargs="*", default=None,
                    help=f"run only these stages (of {', '.join(s.name for s in STAGES)})")
     return p
@@ -395,6 +409,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (QUICK if opts.quick else FULL).items():
         if getattr(opts, key) is None:
             setattr(opts, key, value)
+    opts.bf16 = resolve_precision(opts.precision) == "bf16"
     unknown = set(opts.stages or ()) - {s.name for s in STAGES}
     if unknown:
         raise SystemExit(f"--stages: unknown {', '.join(sorted(unknown))}; "

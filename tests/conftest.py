@@ -19,6 +19,7 @@ def _deterministic_threads():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: spawns process worlds or trains for many steps (seconds each)")
     config.addinivalue_line("markers", "system: needs system services the test setup installs (Slurm, Open MPI)")
+    config.addinivalue_line("markers", "probe: times real kernels of this machine (megatron_alcot.hardware)")
 
 
 @pytest.fixture

@@ -409,7 +409,8 @@ def run_record(results: dict) -> List[str]:
              f"torch threads per run {meta.get('threads')}, {meta.get('jobs', 1)} runs side by side; precision {'bf16 autocast' if meta.get('bf16') else 'fp32'}",
              f"- Config (commit-independent; each run's full flag list is in results.json under --output-dir): "
              f"`{json.dumps(meta.get('config', {}), sort_keys=True)}`",
-             f"- Machine: {meta.get('cpu_model', 'n/a')}, {meta.get('cores')} cores visible, torch "
+             f"- Machine: {meta.get('cpu_model', 'n/a')} [{meta.get('cpu_isa', 'ISA flags not recorded')}], "
+             f"{meta.get('cores')} cores visible, torch "
              f"{meta.get('torch')}, load average at start {meta.get('load_average_start', 'n/a')} "
              "(other jobs shared these cores, so times are pessimistic)",
              f"- Wall time: total {_f(meta.get('total_seconds'), '{:.0f}')} s; per stage: "

@@ -9,8 +9,9 @@
 * ``unfused``: two matmuls and an fp32 softmax, the scores materialised as ``[b, heads, m, M]``.
   In bf16/fp16 on CPUs this is 2-3x faster than torch's CPU flash kernel, whose backward is slow
   for short keys (see docs/bench_train_throughput.md); it costs ``O(m·M)`` memory.
-* ``auto``: ``unfused`` where it measured faster (CPU, bf16/fp16, at most ``UNFUSED_MAX_KEYS``
-  keys), ``sdpa`` everywhere else.
+* ``auto``: on CPUs with at most ``UNFUSED_MAX_KEYS`` keys, ``unfused`` where
+  :mod:`megatron_alcot.hardware` measured it at least 1.15x SDPA's speed in this precision
+  (forward + backward; typically bf16/fp16); ``sdpa`` everywhere else.
 
 Both compute the same function (fp32 outputs agree to rounding); the mask rule is the caller's.
 """
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_alcot import hardware
 from megatron_alcot.config import ATTENTION_BACKENDS
 
 UNFUSED_MAX_KEYS = 256       # CPU bf16: unfused ahead up to 256 keys, behind from 384
@@ -30,8 +32,10 @@ def resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
     """The backend ``auto`` stands for with these queries and this many keys."""
     if backend != "auto":
         return backend
+    if q.device.type != "cpu" or num_keys > UNFUSED_MAX_KEYS:
+        return "sdpa"
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    return "unfused" if q.device.type == "cpu" and low_precision and num_keys <= UNFUSED_MAX_KEYS else "sdpa"
+    return "unfused" if hardware.machine().unfused_faster(low_precision) else "sdpa"
 
 
 def core_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

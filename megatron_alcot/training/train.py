@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_alcot import hardware
 from megatron_alcot.arguments import Arguments, parse_args, validate_args, world_size_from_env
 from megatron_alcot.checkpointing import checkpoint as ckpt
 from megatron_alcot.config import ConfigError
@@ -153,6 +154,9 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     gbs = t.resolved_global_batch(dp)
     num_micro = t.num_micro_batches(dp)
 
+    # Every rank takes rank 0's measured answers for the "auto" flags, so all build the same kernels.
+    hardware.share_from_rank0(device)
+    hardware.report(args.model, _autocast_dtype(args), device, emit=logger.print)
     _seed_everything(t.seed + 100 * state.get_pipeline_model_parallel_rank())
     model = _build_model(args).to(device)
     if on_model_built is not None:

@@ -9,10 +9,11 @@
 * ``torch``: torch's own kernels (``F.linear``, ``torch.mm``): MKL's sgemm in the x86 wheels.
 * ``onednn``: oneDNN's fp32 GEMM through ``torch.ops.mkldnn._linear_pointwise`` (the op torch's
   inductor uses for CPU linears), with the backward written here as two more GEMMs.
-* ``auto``: ``onednn`` for fp32 on x86 CPUs not made by Intel, ``torch`` everywhere else. MKL
-  picks its kernels by CPU vendor: on an AMD EPYC (Zen 5) its sgemm measured 108 GMAC/s on 2
-  cores against oneDNN's 240 (``bench/bench_gemm.py``), and ``MKL_ENABLE_INSTRUCTIONS`` did not
-  change that. On Intel CPUs MKL is the library tuned for them, so ``auto`` keeps it.
+* ``auto``: the library :mod:`megatron_alcot.hardware` measured faster for fp32 GEMMs on this
+  machine (``onednn`` only where it was at least 1.15x torch's speed). MKL picks its kernels by
+  CPU vendor: on an AMD EPYC (Zen 5) its sgemm measured 108 GMAC/s on 2 cores against oneDNN's
+  240 (``bench/bench_gemm.py``), while on a Zen 3 training steps were faster with torch's; the
+  vendor alone cannot tell, so it is timed.
 
 Only plain fp32 CPU calls are affected: under bf16/fp16 autocast torch already calls oneDNN, and
 GPUs use cuBLAS. Both libraries compute the same products; results agree to fp32 rounding, not
@@ -25,12 +26,12 @@ runner does, for compacted laps).
 from __future__ import annotations
 
 import functools
-import platform
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from megatron_alcot import hardware
 from megatron_alcot.config import GEMM_BACKENDS
 
 
@@ -46,7 +47,6 @@ def onednn_available() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
 def cpu_vendor() -> str:
     """``vendor_id`` of the first CPU in /proc/cpuinfo (e.g. GenuineIntel, AuthenticAMD); '' if unknown."""
     try:
@@ -60,9 +60,8 @@ def cpu_vendor() -> str:
 
 
 def auto_prefers_onednn() -> bool:
-    """What ``auto`` picks for fp32 CPU GEMMs on this machine."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return x86 and cpu_vendor() not in ("", "GenuineIntel") and onednn_available()
+    """What ``auto`` picks for fp32 CPU GEMMs on this machine (measured, see megatron_alcot.hardware)."""
+    return hardware.gemm_choice().choice == "onednn"
 
 
 _MACHINE: Optional[Tuple[bool, bool]] = None
@@ -70,11 +69,20 @@ _MACHINE: Optional[Tuple[bool, bool]] = None
 
 def machine_support() -> Tuple[bool, bool]:
     """``(oneDNN usable, auto picks it)``, probed once. The layers call it when built, so a
-    compiled forward only reads the cached answer."""
+    compiled forward only reads the cached answer; :func:`megatron_alcot.hardware.set_machine`
+    (another rank's answers, a test's fake) clears it."""
     global _MACHINE
     if _MACHINE is None:
         _MACHINE = (onednn_available(), auto_prefers_onednn())
     return _MACHINE
+
+
+def _forget_machine() -> None:
+    global _MACHINE
+    _MACHINE = None
+
+
+hardware.on_change(_forget_machine)
 
 
 def resolve_gemm_backend(backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
