@@ -2,6 +2,7 @@
 #   make quickstart   build the embedded corpus, train a tokenizer, preprocess, train tiny ALCoT + vanilla on CPU
 #   make test         install everything into .venv and run the whole test suite on CPU (what CI runs)
 #   make test-fast    the development subset: no process worlds, no long training, no Slurm/MPI
+#   make test-machines  the fast subset again as an AVX2 CPU without fast bf16 (CI runs it after make test)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN := torch==2.13.0
 EXTRAS    ?= test,hf,eval,deepspeed
 
-.PHONY: install quickstart test test-fast bench clean
+.PHONY: install quickstart test test-fast test-machines bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,14 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not system" tests
+
+# The fast tests once more as another kind of CPU: ATen and oneDNN restricted to AVX2 (no AVX-512,
+# so bf16 is emulated and slow, and vector widths and FMA use differ), with the machine probe forced
+# to "bf16 slow" and "oneDNN slow". Its own compile cache, so AVX2 kernels never reach normal runs.
+MACHINE_ENV := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MEGATRON_ALCOT_PROBE=bf16=slow,gemm=torch \
+	TORCHINDUCTOR_CACHE_DIR=$${TMPDIR:-/tmp}/megatron_alcot_inductor_avx2
+test-machines: install
+	$(MACHINE_ENV) $(PY) -m pytest -q -m "not slow and not system" tests
 
 clean:
 	rm -rf $(VENV) quickstart_out bench_out

@@ -206,6 +206,8 @@ def _attention_speedup(dtype: torch.dtype, rounds: int = 4) -> float:
 def measure() -> Machine:
     """Time the kernels now (no cache, no override). One thread: the kernel choice is what is
     compared, and on a shared machine multi-threaded timings of small kernels are mostly waiting."""
+    from megatron_alcot.model import attention_backends  # noqa: F401  (imports are not the probe's cost)
+    from megatron_alcot.parallel.tensor_parallel import gemm  # noqa: F401
     ident = identity()
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)
@@ -299,7 +301,10 @@ def _write_cache(path: str, m: Machine, replace: bool) -> Machine:
             try:
                 os.link(tmp, path)
             except FileExistsError:
-                return _read_cache(path) or m
+                winner = _read_cache(path)
+                if winner is not None:
+                    return winner
+                os.replace(tmp, path)       # what was there is damaged: ours replaces it
             except OSError:           # filesystems without hard links
                 os.replace(tmp, path)
     finally:
