@@ -204,6 +204,8 @@ def _specs():
         ("--eval-interval", t, "eval_interval", dict(type=int)),
         ("--eval-iters", t, "eval_iters", dict(type=int)),
         ("--exit-signal-handler", t, "exit_signal_handler", dict(action="store_true", default=None)),
+        ("--exit-signal", t, "exit_signal", dict(choices=("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"))),
+        ("--keep-last-checkpoints", t, "keep_last_checkpoints", dict(type=int)),
         ("--exit-duration-in-mins", t, "exit_duration_in_mins", dict(type=float)),
         ("--exit-interval", t, "exit_interval", dict(type=int)),
         ("--max-nan-skips", t, "max_nan_skips", dict(type=int)),

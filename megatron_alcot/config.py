@@ -384,7 +384,9 @@ class TrainConfig:
     no_load_optim: bool = False               # --no-load-optim
     no_load_rng: bool = False                 # --no-load-rng
     finetune: bool = False                    # --finetune (load weights only, iteration restarts at 0)
-    exit_signal_handler: bool = False         # --exit-signal-handler (SIGTERM: save and exit 0)
+    exit_signal_handler: bool = False         # --exit-signal-handler (on --exit-signal: finish the step, save, exit 0)
+    exit_signal: str = "SIGTERM"              # --exit-signal {SIGTERM,SIGINT,SIGUSR1,SIGUSR2} the handler waits for
+    keep_last_checkpoints: Optional[int] = None  # --keep-last-checkpoints (delete older complete checkpoints; None keeps all)
     exit_duration_in_mins: Optional[float] = None  # --exit-duration-in-mins
     exit_interval: Optional[int] = None       # --exit-interval (stop when iteration % N == 0)
     max_nan_skips: int = 10                   # --max-nan-skips (consecutive NaN/Inf steps before stopping)
@@ -458,6 +460,11 @@ class TrainConfig:
                               "give --save DIR")
         if self.exit_duration_in_mins is not None and self.exit_duration_in_mins <= 0:
             raise ConfigError(f"--exit-duration-in-mins must be positive, got {self.exit_duration_in_mins}")
+        if self.keep_last_checkpoints is not None:
+            if self.keep_last_checkpoints < 1:
+                raise ConfigError(f"--keep-last-checkpoints must be >= 1, got {self.keep_last_checkpoints}")
+            if self.save is None:
+                raise ConfigError("--keep-last-checkpoints needs --save DIR")
         if self.max_nan_skips < 1:
             raise ConfigError(f"--max-nan-skips must be >= 1, got {self.max_nan_skips}")
         if self.peak_flops is not None and self.peak_flops <= 0:

@@ -8,7 +8,8 @@
 The training order is a function of (config, seed, sample index): the sampler starts at
 ``consumed_samples``, so a resumed run reads exactly the samples the uninterrupted run would have
 read, whatever the DP size. DataLoader workers only fetch: each index maps to one sample
-deterministically, and batches come back in sampler order.
+deterministically, and batches come back in sampler order. They ignore SIGTERM/SIGINT/SIGUSR1/
+SIGUSR2, which the main process handles (``--exit-signal-handler``).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Callable, Iterator, Tuple
 import torch
 
 from megatron_alcot.data.sampler import PretrainingSampler
+from megatron_alcot.training.signals import ignore_stop_signals
 
 
 def _datasets(args, tokenizer, num_samples):
@@ -30,9 +32,12 @@ def _datasets(args, tokenizer, num_samples):
 def _loader(dataset, sampler, num_workers: int):
     # A private generator: iter(DataLoader) draws its worker base seed from the generator it is
     # given, and drawing from the global one would shift dropout masks after a resume.
+    # Workers ignore the stop signals: Slurm signals every process of the step, and a worker killed
+    # by it would crash the main process before it can save (training/signals.py).
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=False, generator=torch.Generator())
+                                       persistent_workers=False, generator=torch.Generator(),
+                                       worker_init_fn=ignore_stop_signals if num_workers else None)
 
 
 def build_iterators(args, tokenizer, train_iters: int, consumed_samples: int, dp_rank: int,

@@ -50,6 +50,7 @@ from megatron_alcot.training.evaluate import evaluate
 from megatron_alcot.training.flops_meter import FlopsMeter
 from megatron_alcot.training.logging import TrainLogger, memory_bytes
 from megatron_alcot.training.compile import apply_torch_compile
+from megatron_alcot.training import signals
 from megatron_alcot.training.recompute import apply_recompute
 from megatron_alcot.training.timers import Timers
 from megatron_alcot.training.train_step import StepContext, make_forward_step, train_step
@@ -214,8 +215,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     last_saved = None
     signal_ctx = contextlib.nullcontext()
     if t.exit_signal_handler:
-        from megatron_alcot.training.signals import DistributedSignalHandler
-        signal_ctx = DistributedSignalHandler()
+        signal_ctx = signals.DistributedSignalHandler(signals.signal_by_name(t.exit_signal))
     with signal_ctx as handler:
         while iteration < train_iters:
             with timers("step"):
@@ -257,6 +257,8 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                 history.exit_reason = reason
                 if t.save and last_saved != iteration:
                     last_saved = _save(args, iteration, model, optimizer, scheduler, consumed, history, engine)
+                if is_rank0 and t.save:      # slurm/_job.sh requeues only after a clean stop
+                    signals.write_last_exit(t.save, reason, iteration)
                 logger.print(f"exiting at iteration {iteration} ({reason}); checkpoint saved to {t.save}")
                 break
     if history.exit_reason == "finished":
@@ -264,6 +266,8 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
             history.evals.append(run_eval(iteration=iteration))
         if t.save and last_saved != iteration:
             _save(args, iteration, model, optimizer, scheduler, consumed, history, engine)
+        if is_rank0 and t.save:
+            signals.write_last_exit(t.save, "finished", iteration)
     history.iteration, history.consumed_samples = iteration, consumed
     logger.close()
     return history
@@ -313,10 +317,7 @@ def _exit_reason(t, iteration, start_time, handler) -> Optional[str]:
     if handler is not None and handler.signals_received():
         return "signal"
     if t.exit_duration_in_mins:
-        over = torch.tensor([1 if (time.time() - start_time) / 60.0 > t.exit_duration_in_mins else 0])
-        if dist.is_initialized():
-            dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        if over.item():
+        if signals.any_rank((time.time() - start_time) / 60.0 > t.exit_duration_in_mins):
             return "duration"
     if t.exit_interval and iteration % t.exit_interval == 0:
         return "interval"
@@ -335,6 +336,10 @@ def _save(args, iteration, model, optimizer, scheduler, consumed, history, engin
     ckpt.save_checkpoint(args.train.save, iteration, model, optimizer, scheduler,
                          consumed_samples=consumed, config_dict=args.to_dict(), extra=extra, **hooks)
     history.saved_iterations.append(iteration)
+    keep = args.train.keep_last_checkpoints
+    if keep and (not dist.is_initialized() or dist.get_rank() == 0):
+        from megatron_alcot.checkpointing.retention import prune_checkpoints
+        prune_checkpoints(args.train.save, keep)
     return iteration
 
 
