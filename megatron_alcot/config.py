@@ -19,7 +19,7 @@ from typing import Optional
 LATENT_METHODS = ("vanilla", "alcot", "loop", "pause", "ponder")
 LATENT_READOUTS = ("hidden", "prob")
 LATENT_LOSS_SCOPES = ("continued", "decided")
-ATTENTION_BACKENDS = ("auto", "sdpa", "unfused")
+ATTENTION_BACKENDS = ("auto", "sdpa", "unfused", "flex")
 GEMM_BACKENDS = ("auto", "torch", "onednn")
 
 
@@ -62,7 +62,7 @@ class ModelConfig:
     scale_output_init: bool = True            # divide linear_proj/linear_fc2 init std by sqrt(2·L)
     attention_dropout: float = 0.0            # --attention-dropout
     hidden_dropout: float = 0.0               # --hidden-dropout
-    attention_backend: str = "auto"           # --attention-backend {auto,sdpa,unfused} (model/attention_backends.py)
+    attention_backend: str = "auto"           # --attention-backend {auto,sdpa,unfused,flex} (model/attention_backends.py)
     cpu_gemm_backend: str = "auto"            # --cpu-gemm-backend {auto,torch,onednn} (parallel/tensor_parallel/gemm.py)
     params_dtype: str = "float32"             # parameter storage dtype ("float32", "bfloat16", "float16")
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from megatron_alcot.model.attention_backends import core_attention
 from megatron_alcot.model.compaction import Compaction
+from megatron_alcot.model.lap_attention import LapMask
 from megatron_alcot.model.rotary import apply_rotary
 from megatron_alcot.parallel import state
 from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -50,7 +51,7 @@ class LapContext:
     comp: Compaction
     cos: torch.Tensor                   # [n, d] fp32, RoPE of each row's position id
     sin: torch.Tensor
-    mask: Optional[torch.Tensor]        # [b, 1, m, M] bool, or None for plain causal
+    mask: Optional[object]              # LapMask (lap_attention.py) or [b, 1, m, M] bool; None: plain causal
     padded_rows: int                    # rows seen by the linears: n, rounded up to TP under SP and to
                                         # gemm.bucket_rows for compacted laps with oneDNN GEMMs
 
@@ -64,11 +65,7 @@ def attention_mask(q_order: torch.Tensor, q_valid: torch.Tensor,
     outputs are never read). When the only keys are the queries' own and every token executes,
     pass ``mask=None`` to the attention instead (plain causal).
     """
-    k_order = torch.cat(list(key_orders), dim=1)
-    k_valid = torch.cat(list(key_valids), dim=1)
-    visible = (k_order[:, None, :] <= q_order[:, :, None]) & k_valid[:, None, :]
-    visible = visible | ~q_valid[:, :, None]
-    return visible[:, None]
+    return LapMask.from_blocks(q_order, q_valid, key_orders, key_valids).dense()
 
 
 def split_grouped_qkv(qkv: torch.Tensor, groups: int, heads_per_group: int, head_dim: int):

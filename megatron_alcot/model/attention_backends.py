@@ -11,27 +11,39 @@
   for short keys (see docs/bench_train_throughput.md); it costs ``O(m·M)`` memory.
 * ``auto``: on CPUs with at most ``UNFUSED_MAX_KEYS`` keys, ``unfused`` where
   :mod:`megatron_alcot.hardware` measured it at least 1.15x SDPA's speed in this precision
-  (forward + backward; typically bf16/fp16); ``sdpa`` everywhere else.
+  (forward + backward; typically bf16/fp16); ``flex`` for lap masks on CUDA (``FLEX_ON``
+  device types); ``sdpa`` everywhere else.
+* ``flex``: FlexAttention over the lap mask's blocks (``lap_attention.py``) when ``mask`` is a
+  :class:`LapMask`; plain causal calls, dropout, and CPU calls that need a gradient (this torch
+  has no CPU flex backward) use ``sdpa``. On CPUs it is never faster (docs/bench_lap_attention.md),
+  so ``auto`` does not pick it there.
+
+``mask`` may be a dense boolean tensor or a :class:`LapMask` (made dense only when a backend needs it).
 
 Both compute the same function (fp32 outputs agree to rounding); the mask rule is the caller's.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from megatron_alcot import hardware
 from megatron_alcot.config import ATTENTION_BACKENDS
+from megatron_alcot.model.lap_attention import LapMask, flex_lap_attention, flex_usable
 
 UNFUSED_MAX_KEYS = 256       # CPU bf16: unfused ahead up to 256 keys, behind from 384
+FLEX_ON = ("cuda",)          # device types where auto sends lap masks to FlexAttention
 
 
-def resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
-    """The backend ``auto`` stands for with these queries and this many keys."""
+def resolve_backend(backend: str, q: torch.Tensor, num_keys: int, lap_mask: bool = False) -> str:
+    """The backend ``auto`` stands for with these queries, this many keys, and (``lap_mask``) a
+    :class:`LapMask` rather than a dense mask or plain causal."""
     if backend != "auto":
         return backend
+    if lap_mask and q.device.type in FLEX_ON:
+        return "flex"
     if q.device.type != "cpu" or num_keys > UNFUSED_MAX_KEYS:
         return "sdpa"
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
@@ -39,11 +51,16 @@ def resolve_backend(backend: str, q: torch.Tensor, num_keys: int) -> str:
 
 
 def core_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                   mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                   mask: Union[torch.Tensor, LapMask, None] = None, dropout_p: float = 0.0,
                    backend: str = "auto") -> torch.Tensor:
     """Attention output ``[b, heads, m, d]``; see the module doc for shapes and backends."""
     rep = q.shape[1] // keys.shape[1]
-    if resolve_backend(backend, q, keys.shape[2]) == "sdpa":
+    chosen = resolve_backend(backend, q, keys.shape[2], isinstance(mask, LapMask))
+    if isinstance(mask, LapMask):
+        if chosen == "flex" and flex_usable(q, keys, values, dropout_p):
+            return flex_lap_attention(q, keys, values, mask)
+        mask = mask.dense()
+    if chosen in ("sdpa", "flex"):
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
                                               dropout_p=dropout_p, enable_gqa=rep > 1)
     if rep > 1:
@@ -60,4 +77,4 @@ def core_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return probs @ values
 
 
-__all__ = ["ATTENTION_BACKENDS", "UNFUSED_MAX_KEYS", "core_attention", "resolve_backend"]
+__all__ = ["ATTENTION_BACKENDS", "FLEX_ON", "UNFUSED_MAX_KEYS", "LapMask", "core_attention", "resolve_backend"]

@@ -5,6 +5,7 @@ and its attention on a per-batch-row padded layout ``[b, m, ...]`` with ``m`` = 
 active count of any batch row, so neither needs a Python loop over tokens or batch rows::
 
     comp = Compaction.build(active)          # active: bool [b, s]; one host sync (the sizes)
+    comp = Compaction.build(active, sizes=(n, m))   # sizes known on the host already: no sync
     rows = comp.gather(hidden)               # [b, s, h] -> [n, h]
     q = comp.to_padded(q_rows)               # [n, ...] -> [b, m, ...] (padding slots are zero)
     o = comp.from_padded(o)                  # [b, m, ...] -> [n, ...]
@@ -20,7 +21,7 @@ compaction changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -38,16 +39,23 @@ class Compaction:
     active: Optional[torch.Tensor] = None  # [b, s] set in the compute-all variant
 
     @staticmethod
-    def build(active: torch.Tensor, compact: bool = True) -> "Compaction":
+    def build(active: torch.Tensor, compact: bool = True,
+              sizes: Optional[Tuple[int, int]] = None) -> "Compaction":
+        """``sizes``: (active count, largest count of a batch row), if the caller has them on the
+        host; otherwise they are read here in one host sync. No other op here syncs."""
         b, s = active.shape
         device = active.device
-        counts = active.sum(dim=1)
-        if not compact or bool(active.all()):
+        if not compact:
             order = torch.arange(s, device=device).expand(b, s)
-            return Compaction(b, s, b * s, s, order, active.clone(),
-                              active=None if compact else active)
-        rows = active.reshape(-1).nonzero().squeeze(1)
-        m = int(counts.max())
+            return Compaction(b, s, b * s, s, order, active.clone(), active=active)
+        counts = active.sum(dim=1)
+        if sizes is None:
+            sizes = torch.stack([counts.sum(), counts.max()]).tolist()
+        n, m = int(sizes[0]), int(sizes[1])
+        if n == b * s:
+            order = torch.arange(s, device=device).expand(b, s)
+            return Compaction(b, s, b * s, s, order, active.clone())
+        rows = active.reshape(-1).nonzero_static(size=n).squeeze(1)
         slot_in_row = (torch.cumsum(active.to(torch.int64), dim=1) - 1).reshape(-1)[rows]
         batch_of_row = torch.div(rows, s, rounding_mode="floor")
         slots = batch_of_row * m + slot_in_row
@@ -55,7 +63,7 @@ class Compaction:
         order[slots] = rows - batch_of_row * s
         valid = torch.zeros(b * m, dtype=torch.bool, device=device)
         valid[slots] = True
-        return Compaction(b, s, rows.numel(), m, order.view(b, m), valid.view(b, m), rows, slots)
+        return Compaction(b, s, n, m, order.view(b, m), valid.view(b, m), rows, slots)
 
     @property
     def all_executed(self) -> bool:

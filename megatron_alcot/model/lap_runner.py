@@ -66,7 +66,8 @@ class LatentMethod(nn.Module):
             x = x * self.cfg.embed_scale
         active = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
         reach = torch.ones(tokens.shape, dtype=torch.float32, device=tokens.device)
-        return LapState(x, active, reach, 0, position_ids)
+        b, s = tokens.shape
+        return LapState(x, active, reach, 0, position_ids, sizes=(b * s, s))
 
     def begin(self, model, lap: LapState, labels=None, loss_mask=None, **options):
         raise NotImplementedError
@@ -120,10 +121,19 @@ class ALCoTMethod(LatentMethod):
             r_next, cont, exit_mass = halting_step(lap.reach, g, lap.active, cfg.latent_threshold,
                                                    k, ctx.halting)
             ctx.g.append(torch.where(lap.active, g, 0.0))
-            if ctx.labels is not None and cfg.latent_loss_weight > 0:
-                ctx.penalty = ctx.penalty + self._penalty(model, ctx, h, r_next, cont, lap.active)
-            if bool(cont.any()):
-                next_lap = LapState(h, cont, r_next, k + 1, lap.position_ids)
+            penalize = ctx.labels is not None and cfg.latent_loss_weight > 0
+            sel = None
+            if penalize:
+                sel = (lap.active if cfg.latent_loss_scope == "decided" else cont) & (ctx.loss_mask > 0)
+            # The lap's one host sync: whether a next lap runs, its compaction sizes, and how many
+            # tokens the penalty covers.
+            per_row = cont.sum(1)
+            n_next, m_next, n_sel = torch.stack([per_row.sum(), per_row.max(),
+                                                 sel.sum() if penalize else per_row.sum()]).tolist()
+            if penalize:
+                ctx.penalty = ctx.penalty + self._penalty(model, ctx, h, r_next, sel, n_sel)
+            if n_next > 0:
+                next_lap = LapState(h, cont, r_next, k + 1, lap.position_ids, sizes=(n_next, m_next))
         else:
             exit_mass = torch.where(lap.active, lap.reach, 0.0)
         ctx.exit.append(exit_mass)
@@ -135,17 +145,21 @@ class ALCoTMethod(LatentMethod):
             ctx.hidden.append(h)
         return next_lap
 
-    def _penalty(self, model, ctx, h, r_next, cont, active):
+    def _penalty(self, model, ctx, h, r_next, sel, n_sel: int):
         """``r_{t,k+1}·sg(p_{t,k}(y_t))^β`` for each router decision k of a token: only where it goes
         on to step k+1 (k < ℓ_t, scope "continued"), or also at the decision that halts it (scope
-        "decided"), which keeps pushing the halting router towards stopping confident tokens."""
+        "decided"), which keeps pushing the halting router towards stopping confident tokens.
+        ``sel`` marks those tokens and ``n_sel`` (host int) counts them, so no op here syncs."""
         cfg = self.cfg
-        sel = (active if cfg.latent_loss_scope == "decided" else cont) & (ctx.loss_mask > 0)
         p = torch.zeros_like(r_next)
-        if bool(sel.any()):
-            p[sel] = chunked_target_prob(h.detach()[sel], model.output_weight.detach(),
-                                         ctx.labels[sel], cfg.latent_prob_chunk,
-                                         vocab_size=cfg.vocab_size, gemm_backend=cfg.cpu_gemm_backend)
+        if n_sel > 0:
+            rows = sel.reshape(-1).nonzero_static(size=n_sel).squeeze(1)
+            hidden = h.detach().reshape(-1, h.shape[-1]).index_select(0, rows)
+            probs = chunked_target_prob(hidden, model.output_weight.detach(),
+                                        ctx.labels.reshape(-1).index_select(0, rows),
+                                        cfg.latent_prob_chunk, vocab_size=cfg.vocab_size,
+                                        gemm_backend=cfg.cpu_gemm_backend)
+            p = p.reshape(-1).index_copy(0, rows, probs).view_as(r_next)
         return torch.where(sel, r_next * p.pow(cfg.latent_loss_beta), 0.0)
 
     def finish(self, model, ctx: ALCoTContext) -> ModelOutput:

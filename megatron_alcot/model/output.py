@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -24,6 +24,8 @@ class LapState:
     reach: torch.Tensor                  # [b, s] fp32: r_{t,k}
     step: int                            # k
     position_ids: Optional[torch.Tensor] = None   # [b, s] int64; None: 0..s-1 for every row
+    sizes: Optional[Tuple[int, int]] = None       # host (active count, largest per batch row) when
+                                                  # known without a sync; None: Compaction reads them
 
 
 @dataclass

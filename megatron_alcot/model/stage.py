@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_alcot.model.attention import LapContext, StepKV, attention_mask
+from megatron_alcot.model.attention import LapContext, StepKV
+from megatron_alcot.model.lap_attention import LapMask
 from megatron_alcot.model.compaction import Compaction
 from megatron_alcot.model.llama import RMSNorm, TransformerLayer, init_parameters, skip_init
 from megatron_alcot.model.output import LapState, masked_mean
@@ -141,7 +142,7 @@ class LlamaModel(nn.Module):
         ALCoT). Returns (hidden ``[b, s, h]``, this lap's StepKV). ``compact=False`` computes every
         token and masks (the reference for compaction).
         """
-        comp = Compaction.build(lap.active, compact)
+        comp = Compaction.build(lap.active, compact, lap.sizes)
         layers = list(self.decoder.layers.values())
         if comp.n == 0:
             empty = lap.hidden.new_zeros(comp.batch, 0, 0, 0)
@@ -153,8 +154,8 @@ class LlamaModel(nn.Module):
         cos, sin = self.rotary(comp.gather(positions))
         mask = None
         if past or not comp.all_executed:
-            mask = attention_mask(comp.order, comp.valid, [p.order for p in past] + [comp.order],
-                                  [p.valid for p in past] + [comp.valid])
+            mask = LapMask.from_blocks(comp.order, comp.valid, [p.order for p in past] + [comp.order],
+                                       [p.valid for p in past] + [comp.valid])
         rows = comp.gather(lap.hidden)
         padded_rows = comp.n
         if not comp.dense and gemm.resolve_gemm_backend(self.config.cpu_gemm_backend, rows, rows) == "onednn":

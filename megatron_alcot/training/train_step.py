@@ -77,7 +77,11 @@ def batch_to_device(batch: dict, device: torch.device) -> dict:
 
 
 def make_forward_step(model_cfg, device: torch.device, autocast_dtype, flops_meter=None) -> Callable:
-    """``forward_step(batch, model) -> (loss, info)`` with detached statistics in ``info``."""
+    """``forward_step(batch, model) -> (loss, info)`` with detached statistics in ``info``.
+
+    ``info`` stays on the model's device (no host sync per micro-batch) except for the FLOPs
+    count, which the meter takes from one host copy of ``num_steps`` (one sync per micro-batch
+    with a meter, none without)."""
     max_depth = model_cfg.num_latent_steps
 
     def forward_step(batch, model):
@@ -87,14 +91,17 @@ def make_forward_step(model_cfg, device: torch.device, autocast_dtype, flops_met
                         position_ids=batch.get("position_ids"))
         num_steps = out.num_steps if out.num_steps is not None else \
             torch.zeros_like(batch["tokens"])
-        depth = torch.bincount(num_steps.reshape(-1).long().cpu(), minlength=max_depth + 1)
+        depths = torch.arange(max_depth + 1, device=num_steps.device)
+        depth = (num_steps.reshape(-1, 1).long() == depths).sum(0)     # bincount would sync
         flops = flops_meter.micro_batch_flops(num_steps.cpu()) if flops_meter is not None else 0.0
-        latent = out.latent_loss if out.latent_loss is not None else torch.zeros(())
+        loss = out.loss.detach()
+        latent = out.latent_loss if out.latent_loss is not None else loss.new_zeros(())
         info = torch.cat([
-            torch.stack([out.loss.detach().float().cpu(), out.lm_loss.detach().float().cpu(),
-                         latent.detach().float().cpu().reshape(())]).double(),
-            torch.tensor([1.0, float(batch["tokens"].numel()), float(flops)], dtype=torch.float64),
-            depth[: max_depth + 1].double(),
+            torch.stack([loss.float(), out.lm_loss.detach().float(),
+                         latent.detach().float().reshape(())]).double(),
+            torch.tensor([1.0, float(batch["tokens"].numel()), float(flops)], dtype=torch.float64,
+                         device=loss.device),
+            depth.double(),
         ])
         return out.loss, info
 
@@ -115,10 +122,10 @@ def reduce_stats(infos: List[torch.Tensor]) -> torch.Tensor:
 
 
 def unpack_stats(total: torch.Tensor) -> StepStats:
-    n = max(float(total[3]), 1.0)
-    return StepStats(loss=float(total[0]) / n, lm_loss=float(total[1]) / n,
-                     latent_loss=float(total[2]) / n, tokens=int(total[4]), flops=float(total[5]),
-                     depth_counts=[float(x) for x in total[6:]])
+    values = total.tolist()       # one read of the step's statistics
+    n = max(values[3], 1.0)
+    return StepStats(loss=values[0] / n, lm_loss=values[1] / n, latent_loss=values[2] / n,
+                     tokens=int(values[4]), flops=values[5], depth_counts=values[6:])
 
 
 def _reduce_on(device: torch.device) -> torch.device:
@@ -135,7 +142,9 @@ def gather_stage_infos(infos: List[torch.Tensor], model_cfg, device: torch.devic
     if pipeline_model_parallel_size > 1:
         from megatron_alcot.parallel.pipeline import infos_from_last_stage
         return infos_from_last_stage(infos, info_numel(model_cfg), device=_reduce_on(device))
-    return [i.to(_reduce_on(device)) for i in infos]
+    if not infos:
+        return []
+    return [torch.stack(infos).sum(0).to(_reduce_on(device))]    # one copy per step, not per micro-batch
 
 
 def deepspeed_train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Callable) -> StepStats:

@@ -59,8 +59,8 @@ class FixedDepthMethod(LatentMethod):
         device = ctx.loss_mask.device
         out = ModelOutput(
             num_steps=torch.full((b, s), self.max_steps, dtype=torch.int64, device=device),
-            exit_mass=torch.nn.functional.one_hot(
-                torch.full((b, s), self.max_steps, device=device), k1).float(),
+            # all mass on the last step (one_hot would check its input's range: two host syncs)
+            exit_mass=(torch.arange(k1, device=device) == self.max_steps).float().expand(b, s, k1).clone(),
             step_active=torch.full((k1,), b * s, dtype=torch.int64, device=device),
             step_executed=torch.ones(k1, b, s, dtype=torch.bool, device=device))
         if ctx.return_logits:

@@ -18,6 +18,6 @@ class LoopMethod(FixedDepthMethod):
 
     def end_lap(self, model, ctx, lap: LapState, hidden):
         if lap.step < self.max_steps:
-            return LapState(hidden, lap.active, lap.reach, lap.step + 1, lap.position_ids)
+            return LapState(hidden, lap.active, lap.reach, lap.step + 1, lap.position_ids, lap.sizes)
         ctx.final_hidden = model.decoder.final_layernorm(hidden)
         return None

@@ -52,7 +52,7 @@ class PonderMethod(FixedDepthMethod):
         mixed = mappings.reduce_from_tensor_model_parallel_region(probs.to(weight.dtype) @ weight)
         x = ctx.step0_input + self.cfg.embed_scale * mixed
         return LapState(x.to(ctx.step0_input.dtype), lap.active, lap.reach, lap.step + 1,
-                        lap.position_ids)
+                        lap.position_ids, lap.sizes)
 
 
 def ponder_probs(logits_parallel: torch.Tensor) -> torch.Tensor:
