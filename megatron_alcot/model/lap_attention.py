@@ -2,7 +2,7 @@
 
 A lap's queries are its executed (token, step) slots; its keys are the slots of every earlier lap
 plus its own, step-major (``[step 0 | step 1 | ... | step k]``). Query slot i sees key slot j iff
-``k_order[j] <= q_order[i]`` and ``k_valid[j]`` (DESIGN §2's rule; ``order`` is the token index of
+``k_order[j] <= q_order[i]`` and ``k_valid[j]`` (docs/method.md §3; ``order`` is the token index of
 a slot, ``valid`` says it was executed). Query slots that are padding see every key, so no row is
 fully masked (their outputs are never read)::
 
