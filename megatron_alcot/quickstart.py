@@ -8,17 +8,17 @@ held-out evaluation -> Hugging Face export -> generation -> report.
 
 Stages (each prints a header with the elapsed wall and CPU time, and its own cost when done):
 
-1. ``corpus``      the embedded English corpus (``tools/build_corpus.py``'s function) -> corpus.jsonl
+1. ``corpus``      the embedded English corpus (``data.corpus.write_corpus``) -> corpus.jsonl
 2. ``tokenizer``   SentencePiece BPE, ``--vocab-size`` (4096) -> tokenizer.model
-3. ``preprocess``  ``tools/preprocess_data.py`` -> data/corpus_text_document.{bin,idx}
+3. ``preprocess``  ``data.preprocess_data`` -> data/corpus_text_document.{bin,idx}
 4. ``train_alcot`` / ``train_vanilla``  the same tiny LLaMA (4 layers, hidden 128, seq 128) with and
    without adaptive latent steps, on the same tokens in the same order, through the code path of
    ``pretrain_alcot.py`` (``training.train.train`` with a Megatron-style argument list), saved to
    checkpoints/{alcot,vanilla}
-5. ``evaluate``    both checkpoints through ``tools/evaluate.py``'s ``evaluate()`` on the held-out
+5. ``evaluate``    both checkpoints through ``evaluation.evaluate.evaluate()`` on the held-out
    documents (the ``valid`` part of ``--split 95,5,0``): perplexity, ALCoT's mean latent steps and
    depth histogram, as measured
-6. ``export``      ``tools/checkpoint/convert_to_hf.py``'s ``convert_to_hf()`` -> hf/alcot; loaded by
+6. ``export``      ``hf.convert_to_hf.convert_to_hf()`` -> hf/alcot; loaded by
    ``transformers`` (``trust_remote_code``) and compared with the native model on a held-out batch
    (max abs logit difference, per-token latent steps)
 7. ``generate``    greedy continuation of a held-out prompt by the native ALCoT checkpoint on the KV
@@ -32,8 +32,6 @@ number the default iteration count is chosen by (wall times on a shared machine 
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import os
 import resource
@@ -43,7 +41,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, List
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from megatron_alcot.data import preprocess_data, tokenizer_training
+from megatron_alcot.evaluation.evaluate import evaluate, split_documents
+from megatron_alcot.hf.convert_to_hf import convert_to_hf
+
 SPLIT = "95,5,0"
 PRECISIONS = ("auto", "bf16", "fp32")
 # Defaults of the full run and of --quick; a flag given explicitly wins over both.
@@ -51,16 +52,6 @@ FULL = dict(train_iters=300, global_batch_size=16, micro_batch_size=8, eval_iter
             generate_tokens=32)
 QUICK = dict(train_iters=2, global_batch_size=4, micro_batch_size=4, eval_iters=1, eval_documents=4,
              generate_tokens=6)
-
-
-@functools.lru_cache(maxsize=None)
-def _tool(name: str):
-    """Import ``tools/<name>.py`` (tools/ is a folder of scripts, not a package)."""
-    path = os.path.join(REPO_ROOT, "tools", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_quickstart_tool_{name.replace('/', '_')}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def cpu_seconds() -> float:
@@ -100,8 +91,8 @@ def stage_corpus(ctx: Context) -> None:
 def stage_tokenizer(ctx: Context) -> None:
     model = ctx.path("tokenizer.model")
     if not os.path.exists(model):
-        _tool("train_tokenizer").train([ctx.path("corpus.jsonl")], ctx.path("tokenizer"),
-                                       ctx.opts.vocab_size, num_threads=2)
+        tokenizer_training.train([ctx.path("corpus.jsonl")], ctx.path("tokenizer"), ctx.opts.vocab_size,
+                                 num_threads=2)
     print(f"  vocabulary {ctx.opts.vocab_size} -> {model}")
 
 
@@ -109,7 +100,7 @@ def stage_preprocess(ctx: Context) -> None:
     prefix = ctx.path("data", "corpus")
     if not os.path.exists(prefix + "_text_document.idx"):
         os.makedirs(ctx.path("data"), exist_ok=True)
-        code = _tool("preprocess_data").main([
+        code = preprocess_data.main([
             "--input", ctx.path("corpus.jsonl"), "--output-prefix", prefix,
             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
             ctx.path("tokenizer.model"), "--append-eod", "--workers", "2"])
@@ -173,13 +164,13 @@ def stage_train_vanilla(ctx: Context) -> None:
 # ----------------------------------------------------------------------------- after training
 def heldout_documents(ctx: Context):
     """The held-out documents (valid part of ``SPLIT``) as id lists, capped by --eval-documents."""
-    docs, _ = _tool("evaluate").split_documents(ctx.data_prefix, SPLIT, "valid", ctx.opts.eval_documents)
+    docs, _ = split_documents(ctx.data_prefix, SPLIT, "valid", ctx.opts.eval_documents)
     return docs
 
 
 def evaluate_checkpoint(ctx: Context, method: str) -> dict:
     """``tools/evaluate.py`` on a saved checkpoint and the held-out split (what the report shows)."""
-    return _tool("evaluate").evaluate(load=ctx.checkpoint(method), data_path=ctx.data_prefix, split=SPLIT,
+    return evaluate(load=ctx.checkpoint(method), data_path=ctx.data_prefix, split=SPLIT,
                                       split_name="valid", seq_length=ctx.opts.seq_length,
                                       max_documents=ctx.opts.eval_documents)
 
@@ -198,7 +189,7 @@ def stage_evaluate(ctx: Context) -> None:
 def export_sample(ctx: Context):
     """``[2, seq]`` ids cut from the concatenated held-out documents."""
     import torch
-    docs, _ = _tool("evaluate").split_documents(ctx.data_prefix, SPLIT, "valid")
+    docs, _ = split_documents(ctx.data_prefix, SPLIT, "valid")
     flat = [t for d in docs for t in d]
     need = 2 * ctx.opts.seq_length
     if len(flat) < need:
@@ -225,8 +216,8 @@ def compare_export(ctx: Context, hf_dir: str) -> dict:
 
 
 def stage_export(ctx: Context) -> None:
-    convert = _tool("checkpoint/convert_to_hf").convert_to_hf
-    hf_dir = convert(ctx.checkpoint("alcot"), ctx.path("hf", "alcot"), overwrite=True, log=lambda m: print("  " + m))
+    hf_dir = convert_to_hf(ctx.checkpoint("alcot"), ctx.path("hf", "alcot"), overwrite=True,
+                           log=lambda m: print("  " + m))
     r = compare_export(ctx, hf_dir)
     ctx.results["export"] = r
     print(f"  transformers loaded {r['class']} (trust_remote_code); sample {r['sample_shape']}: max abs logit "

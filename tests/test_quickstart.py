@@ -3,6 +3,9 @@ numbers are what the saved checkpoints give when measured again."""
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -68,3 +71,30 @@ def test_export_and_generation_are_recomputed(run):
     reference = quickstart.run_generation(ctx, use_cache=False)      # parallel forward re-run per token
     assert (reference["ids"], reference["latent_steps"]) == (gen["ids"], gen["latent_steps"])
     assert torch.tensor(gen["prompt_ids"]).numel() == ctx.opts.prompt_tokens
+
+
+@pytest.mark.slow
+def test_quick_run_from_a_non_editable_install(tmp_path):
+    """``pip install .`` (not editable) and the quickstart runs from the installed package alone: it
+    needs nothing from the checkout (no tools/ scripts by path)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src, site, work = tmp_path / "src", tmp_path / "site", tmp_path / "work"
+    shutil.copytree(os.path.join(repo, "megatron_alcot"), src / "megatron_alcot",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(repo, "setup.py"), src)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(src)], check=True, timeout=300)
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(site)
+    code = ("import sys, megatron_alcot\n"
+            f"assert megatron_alcot.__file__.startswith({str(site)!r}), megatron_alcot.__file__\n"
+            "from megatron_alcot.quickstart import main\n"
+            "sys.exit(main(['--output-dir', 'out', '--quick']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(work / "out" / "results.json") as f:
+        results = json.load(f)
+    assert results["alcot"]["iterations"] == quickstart.QUICK["train_iters"]
+    assert os.path.isfile(work / "out" / "hf" / "alcot" / "model.safetensors")

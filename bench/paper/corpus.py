@@ -212,20 +212,12 @@ def count_documents(path: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def _tool(name: str):
-    import importlib.util
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    spec = importlib.util.spec_from_file_location(f"_paper_tool_{name}", os.path.join(root, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def prepare_data(out_dir: str, jsonl: str, split: str, vocab_size: int, seed: int = 1234,
                  log=print) -> Dict:
     """Tokenizer (training documents only) and ``{out_dir}/data/corpus_text_document.{bin,idx}``.
 
     Reuses what is already there (a rerun with the same corpus, split and vocabulary is free)."""
+    from megatron_alcot.data import preprocess_data, tokenizer_training
     os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
     n_docs = count_documents(jsonl)
     (tb, te), (vb, ve), (sb, se) = split_document_ranges(split, n_docs)
@@ -234,12 +226,12 @@ def prepare_data(out_dir: str, jsonl: str, split: str, vocab_size: int, seed: in
     tok_prefix = os.path.join(out_dir, "data", f"tokenizer_{tag}")
     if not os.path.exists(tok_prefix + ".model"):
         write_lines(jsonl, train_jsonl, tb, te)
-        _tool("train_tokenizer").train([train_jsonl], tok_prefix, vocab_size, input_sentence_size=300_000,
-                                       num_threads=2, seed=seed)
+        tokenizer_training.train([train_jsonl], tok_prefix, vocab_size, input_sentence_size=300_000,
+                                 num_threads=2, seed=seed)
         os.remove(train_jsonl)
     prefix = os.path.join(out_dir, "data", f"corpus_{tag}")
     if not os.path.exists(prefix + "_text_document.idx"):
-        code = _tool("preprocess_data").main([
+        code = preprocess_data.main([
             "--input", jsonl, "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer",
             "--tokenizer-model", tok_prefix + ".model", "--append-eod", "--workers", "2"])
         if code:

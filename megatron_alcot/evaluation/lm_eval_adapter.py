@@ -1,7 +1,7 @@
 """lm-evaluation-harness model ``megatron_alcot``: evaluate native checkpoints without exporting.
 
-    lm_eval --model megatron_alcot --model_args load=ckpts,max_length=2048 --tasks ... \
-            --include_path tests/tools/lm_eval_tasks        # after `import megatron_alcot.evaluation.lm_eval_adapter`
+    python tools/lm_eval.py --model megatron_alcot --model_args load=ckpts,max_length=2048 --tasks ... \
+            --include_path tests/tools/lm_eval_tasks     # lm-eval's CLI with this adapter registered
 
     import lm_eval
     from lm_eval.tasks import TaskManager

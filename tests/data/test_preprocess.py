@@ -1,5 +1,4 @@
 import gzip
-import importlib.util
 import json
 import os
 import signal
@@ -9,22 +8,13 @@ import threading
 
 import pytest
 
+from megatron_alcot.data import preprocess_data as tool
 from megatron_alcot.data.indexed_dataset import IndexedDataset
 from megatron_reader import read_index, read_sequences
 from sp_fixture import sample_texts, train_tiny_model, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
-
-
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = _load_tool()
 
 
 @pytest.fixture(scope="module")

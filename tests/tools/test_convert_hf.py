@@ -9,6 +9,8 @@ import random
 import pytest
 import torch
 
+import megatron_alcot.hf.convert_from_hf as from_hf_tool
+import megatron_alcot.hf.convert_to_hf as to_hf_tool
 from megatron_alcot.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -22,8 +24,6 @@ def load_tool(relpath):
     return mod
 
 
-to_hf_tool = load_tool("tools/checkpoint/convert_to_hf.py")
-from_hf_tool = load_tool("tools/checkpoint/convert_from_hf.py")
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls watch from old oak trees "
          "and rivers run to the sea under grey skies").split()

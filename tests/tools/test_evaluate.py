@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
+import megatron_alcot.evaluation.evaluate as evaluate_tool
 from test_convert_hf import ROOT, build_native, load_tool, model_cfg, save_native, to_hf_tool, tokenizer_model  # noqa: F401
 
-evaluate_tool = load_tool("tools/evaluate.py")
 TASKS = os.path.join(ROOT, "tests", "tools", "lm_eval_tasks")
 DATA = os.path.join(TASKS, "ppl.jsonl")
 WINDOW = 16  # shorter than the longest document, so rolling windows with overlap are exercised
@@ -82,6 +82,26 @@ def test_lm_eval_cli_on_export_matches_native(exported, capsys):
     res = json.load(open(results[0]))["results"]["local_ppl"]
     assert math.isclose(res["word_perplexity,none"], ref["word_perplexity"], rel_tol=1e-4)
     assert math.isclose(res["byte_perplexity,none"], ref["byte_perplexity"], rel_tol=1e-4)
+
+
+@pytest.mark.slow
+def test_lm_eval_cli_with_the_native_adapter_matches_evaluate(exported, capsys):
+    """``tools/lm_eval.py --model megatron_alcot``: lm-eval's own CLI on the native checkpoint."""
+    pytest.importorskip("lm_eval")
+    ckpt, _, d = exported
+    ref = run_evaluate(["--load", ckpt, "--input", DATA, "--seq-length", str(WINDOW)], capsys)
+    out_dir = d / "lm_eval_native_out"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "lm_eval.py"), "--model", "megatron_alcot", "--model_args",
+           f"load={ckpt},max_length={WINDOW},prefix_token_id={ref['prefix_token']}",
+           "--tasks", "local_ppl", "--include_path", TASKS, "--device", "cpu", "--batch_size", "1",
+           "--output_path", str(out_dir)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [os.path.join(r, f) for r, _, fs in os.walk(out_dir) for f in fs if f.startswith("results")]
+    res = json.load(open(results[0]))["results"]["local_ppl"]
+    assert math.isclose(res["word_perplexity,none"], ref["word_perplexity"], rel_tol=1e-6)
+    assert math.isclose(res["byte_perplexity,none"], ref["byte_perplexity"], rel_tol=1e-6)
 
 
 def test_data_path_split_selects_the_trainers_documents(exported, tmp_path, capsys):

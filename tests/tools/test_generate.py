@@ -2,9 +2,8 @@
 latent steps, and the cached decoding equals the parallel forward re-run per token (--no-cache)."""
 import json
 
+import megatron_alcot.evaluation.generate as generate_tool
 from test_convert_hf import build_native, load_tool, model_cfg, save_native, to_hf_tool, tokenizer_model  # noqa: F401
-
-generate_tool = load_tool("tools/generate.py")
 
 
 def run_json(args, capsys):
