@@ -26,7 +26,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
 from megatron_alcot.config import (ATTENTION_BACKENDS, GEMM_BACKENDS, LATENT_LOSS_SCOPES, LATENT_METHODS,
-                                   LATENT_READOUTS, LR_DECAY_STYLES, RECOMPUTE_GRANULARITIES,
+                                   LATENT_READOUTS, LR_DECAY_STYLES, PIPELINE_SCHEDULES,
+                                   RECOMPUTE_GRANULARITIES,
                                    RECOMPUTE_METHODS, ConfigError, DataConfig, LoggingConfig,
                                    ModelConfig, OptimizerConfig, ParallelConfig, TrainConfig)
 from megatron_alcot.data.utils import parse_blend, parse_split
@@ -131,6 +132,10 @@ def _specs():
         ("--tensor-model-parallel-size", p, "tensor_model_parallel_size", dict(type=int)),
         ("--pipeline-model-parallel-size", p, "pipeline_model_parallel_size", dict(type=int)),
         ("--pipeline-layer-split", p, "pipeline_layer_split", dict()),
+        ("--pipeline-schedule", p, "pipeline_schedule", dict(choices=PIPELINE_SCHEDULES)),
+        ("--pipeline-max-in-flight", p, "pipeline_max_in_flight", dict(type=int)),
+        ("--num-layers-per-virtual-pipeline-stage", p, "num_layers_per_virtual_pipeline_stage",
+         dict(type=int)),
         ("--sequence-parallel", p, "sequence_parallel", dict(action="store_true", default=None)),
         ("--use-distributed-optimizer", p, "use_distributed_optimizer",
          dict(action="store_true", default=None)),

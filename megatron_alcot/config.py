@@ -36,6 +36,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+PIPELINE_SCHEDULES = ("1f1b", "gpipe")
+
+
 def _check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{_flag(name)} {value!r} is unknown; choose one of {', '.join(choices)}")
@@ -216,6 +219,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1       # --tensor-model-parallel-size
     pipeline_model_parallel_size: int = 1     # --pipeline-model-parallel-size
     pipeline_layer_split: Optional[str] = None  # --pipeline-layer-split "3,5": layers per stage (None: even)
+    pipeline_schedule: str = "1f1b"           # --pipeline-schedule {1f1b,gpipe}: order of forward and backward laps
+    pipeline_max_in_flight: Optional[int] = None  # --pipeline-max-in-flight N: live micro-batches per stage (None: PP)
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None  # --num-layers-per-virtual-pipeline-stage (not built)
     sequence_parallel: bool = False           # --sequence-parallel
     use_distributed_optimizer: bool = False   # --use-distributed-optimizer (ZeRO-1/2)
     zero_stage: int = 1                       # --zero-stage (with --use-distributed-optimizer): 1 shards optimizer state, 2 also gradients
@@ -231,6 +237,14 @@ class ParallelConfig:
             raise ConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} × "
                 f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
+        _check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        if self.pipeline_max_in_flight is not None and self.pipeline_max_in_flight < 1:
+            raise ConfigError(f"--pipeline-max-in-flight {self.pipeline_max_in_flight}: give at least 1 "
+                              "(or leave it out: as many micro-batches as pipeline stages)")
+        if self.num_layers_per_virtual_pipeline_stage is not None:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage: interleaved virtual pipeline stages "
+                              "are not implemented; the lap ring already keeps up to PP micro-batches in "
+                              "flight. Leave the flag out (--pipeline-schedule 1f1b is the default)")
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.zero_stage not in (1, 2):

@@ -10,8 +10,10 @@ the number of micro-batches (so the accumulated gradient is that of the mean), a
 but the last runs under ``model.no_sync()``, so the gradient all-reduce overlaps only the last
 backward. With ``forward_only=True`` no backward runs (evaluation).
 
-With PP > 1 the schedule is :func:`megatron_alcot.parallel.pipeline.forward_backward_pipelining_with_laps`
-(same call; only the last stage returns infos, the others ``[]``).
+With PP > 1 the schedule is
+:func:`megatron_alcot.training.pipeline_schedule.forward_backward_pipelining_with_laps` (same call;
+only the last stage returns infos, the others ``[]``): 1F1B with laps by default, GPipe order with
+``pipeline_schedule="gpipe"``.
 """
 from __future__ import annotations
 
@@ -45,10 +47,15 @@ def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator
 
 
 def get_forward_backward_func(pipeline_model_parallel_size: int = 1,
-                              autocast_dtype: Optional[torch.dtype] = None) -> Callable:
+                              autocast_dtype: Optional[torch.dtype] = None,
+                              pipeline_schedule: str = "1f1b",
+                              pipeline_max_in_flight: Optional[int] = None) -> Callable:
     """The schedule for this layout. ``autocast_dtype`` reaches the pipeline schedule, which runs
-    the laps itself (with PP = 1 the step function applies autocast)."""
+    the laps itself (with PP = 1 the step function applies autocast); ``pipeline_schedule``
+    (``--pipeline-schedule``) and ``pipeline_max_in_flight`` (``--pipeline-max-in-flight``) pick its
+    order and the bound on live micro-batches."""
     if pipeline_model_parallel_size > 1:
-        from megatron_alcot.parallel.pipeline import forward_backward_pipelining_with_laps
-        return functools.partial(forward_backward_pipelining_with_laps, autocast_dtype=autocast_dtype)
+        from megatron_alcot.training.pipeline_schedule import forward_backward_pipelining_with_laps
+        return functools.partial(forward_backward_pipelining_with_laps, autocast_dtype=autocast_dtype,
+                                 order=pipeline_schedule, max_in_flight=pipeline_max_in_flight)
     return forward_backward_no_pipelining

@@ -80,7 +80,7 @@ def _seed_everything(seed: int) -> None:
 
 def _build_model(args: Arguments) -> torch.nn.Module:
     if args.parallel.pipeline_model_parallel_size > 1:
-        from megatron_alcot.parallel.pipeline import build_pipeline_stage
+        from megatron_alcot.model.pipeline_split import build_pipeline_stage
         return build_pipeline_stage(args.model, args.parallel, seed=args.train.seed)
     return build_model(args.model, args.parallel, seed=args.train.seed)
 
@@ -199,6 +199,8 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     ctx = StepContext(model=ddp, optimizer=optimizer, scheduler=scheduler, model_cfg=args.model,
                       num_microbatches=num_micro, device=device, flops_meter=meter,
                       autocast_dtype=autocast_dtype, pipeline_model_parallel_size=pp,
+                      pipeline_schedule=args.parallel.pipeline_schedule,
+                      pipeline_max_in_flight=args.parallel.pipeline_max_in_flight,
                       deepspeed=args.parallel.deepspeed_config is not None)
     run_eval = functools.partial(_evaluate, ddp, make_valid, t, num_micro, forward_step, logger=logger,
                                  pp=pp, autocast_dtype=autocast_dtype)

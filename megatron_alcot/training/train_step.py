@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
 from megatron_alcot.parallel import state
+from megatron_alcot.training.pipeline_schedule import infos_from_last_stage, weight_cast_region
 from megatron_alcot.training.schedules import get_forward_backward_func
 
 
@@ -43,6 +44,8 @@ class StepContext:
     flops_meter: object = None
     autocast_dtype: Optional[torch.dtype] = None
     pipeline_model_parallel_size: int = 1
+    pipeline_schedule: str = "1f1b"         # --pipeline-schedule
+    pipeline_max_in_flight: Optional[int] = None  # --pipeline-max-in-flight
     deepspeed: bool = False                 # model is a DeepSpeed engine (--deepspeed-config)
 
 
@@ -140,7 +143,6 @@ def gather_stage_infos(infos: List[torch.Tensor], model_cfg, device: torch.devic
     """The infos to reduce over DP, on the reduce device: with PP > 1 the last stage's sum,
     broadcast to every stage (the others ran no step function)."""
     if pipeline_model_parallel_size > 1:
-        from megatron_alcot.parallel.pipeline import infos_from_last_stage
         return infos_from_last_stage(infos, info_numel(model_cfg), device=_reduce_on(device))
     if not infos:
         return []
@@ -183,9 +185,13 @@ def train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Optional
         model.zero_grad_buffer()
     else:
         model.zero_grad(set_to_none=False)
-    fb = get_forward_backward_func(ctx.pipeline_model_parallel_size, ctx.autocast_dtype)
-    infos = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
-               num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss)
+    fb = get_forward_backward_func(ctx.pipeline_model_parallel_size, ctx.autocast_dtype,
+                                   ctx.pipeline_schedule, ctx.pipeline_max_in_flight)
+    # One autocast weight cache for the whole step: one low-precision copy of each weight, not
+    # one per micro-batch (PP = 1) or per lap (PP > 1).
+    with weight_cast_region(ctx.device, ctx.autocast_dtype):
+        infos = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+                   num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss)
     # Tied-embedding copies first: the data-parallel reduction may be a sharded reduce-scatter.
     allreduce_tied_embedding_grads(model)
     if hasattr(model, "finish_grad_sync"):

@@ -1,5 +1,6 @@
 """Pipeline parallelism with latent laps against the single-process model: stage weights, losses,
-ℓ_t, every parameter's gradient, skipped laps of halted micro-batches, uneven splits, PP x TP."""
+ℓ_t, every parameter's gradient, skipped laps of halted micro-batches, uneven splits, PP x TP, the
+1F1B and GPipe orders and the bound on micro-batches alive per stage."""
 import io
 
 import pytest
@@ -10,10 +11,10 @@ from megatron_alcot.config import ConfigError, ParallelConfig
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
 from megatron_alcot.parallel import state
+from megatron_alcot.model.pipeline_split import build_pipeline_stage, layer_ranges
 from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
-from megatron_alcot.parallel.pipeline import (backward_rounds, build_pipeline_stage,
-                                              forward_backward_pipelining_with_laps, infos_from_last_stage,
-                                              layer_ranges)
+from megatron_alcot.training.pipeline_schedule import (ScheduleStats, forward_backward_pipelining_with_laps,
+                                                       infos_from_last_stage, max_in_flight_microbatches)
 
 B, S, SEED, MICRO = 2, 8, 77, 3
 
@@ -92,7 +93,7 @@ def _pipeline_body(rank, world_size, cases):
         stage = build_pipeline_stage(case["cfg"], pcfg, seed=SEED, layer_split=case.get("split"))
         if stage.post_process:
             routers_random(stage)
-        trace, step, model = [], None, stage
+        trace, step, model, stats = [], None, stage, ScheduleStats()
         if case.get("trainer_step"):
             from megatron_alcot.training.ddp import DistributedDataParallel
             from megatron_alcot.training.train_step import make_forward_step
@@ -102,7 +103,7 @@ def _pipeline_body(rank, world_size, cases):
             forward_step_func=step,
             data_iterator=iter(case["batches"]), model=model, num_microbatches=len(case["batches"]),
             halting=case["halting"], lap_trace=trace, forward_only=case.get("forward_only", False),
-            max_in_flight=case.get("max_in_flight"))
+            max_in_flight=case.get("max_in_flight"), order=case.get("order", "1f1b"), stats=stats)
         allreduce_tied_embedding_grads(model)
         if case.get("trainer_step"):
             model.finish_grad_sync()
@@ -116,6 +117,7 @@ def _pipeline_body(rank, world_size, cases):
         results.append({"pp_rank": state.get_pipeline_model_parallel_rank(),
                         "tp_rank": state.get_tensor_model_parallel_rank(),
                         "infos": infos, "trace": trace, "grads": grads,
+                        "max_in_flight": stats.max_in_flight,
                         "has_grad": any(p.grad is not None for p in stage.parameters())})
     # As bytes: many tensors shared through file descriptors can outlive a finished child.
     buffer = io.BytesIO()
@@ -134,6 +136,12 @@ def _check(payloads, cases):
             name = case["name"]
             expected_laps = [(m, k) for m in range(len(case["batches"])) for k in range(ref["laps"][m])]
             assert sorted(got["trace"]) == expected_laps, (name, got["pp_rank"])
+            if not case.get("forward_only"):
+                bound = max_in_flight_microbatches(pp, got["pp_rank"], len(case["batches"]),
+                                                   case.get("max_in_flight"), case.get("order", "1f1b"))
+                assert 1 <= got["max_in_flight"] <= bound, (name, got["pp_rank"], got["max_in_flight"])
+                if case.get("order") == "gpipe" and got["pp_rank"] == 0:
+                    assert got["max_in_flight"] == len(case["batches"])     # GPipe holds them all
             if case.get("trainer_step"):
                 # The trainer's step function: [loss, lm, latent, 1, tokens, flops, depth counts...],
                 # summed over micro-batches and sent to every stage.
@@ -176,6 +184,10 @@ def _pp2_cases():
          "halting": "learned"},
         {"name": "alcot-forward-only", "cfg": _cfg(), "batches": _batches(6), "halting": "learned",
          "forward_only": True},
+        {"name": "alcot-gpipe-order", "cfg": _cfg(), "batches": _batches(9, 4), "order": "gpipe",
+         "halting": [halt_after_step1, "learned", "never", "learned"]},
+        {"name": "alcot-one-in-flight", "cfg": _cfg(), "batches": _batches(10), "max_in_flight": 1,
+         "halting": ["never", halt_after_step1, "learned"]},
     ]
     for case in cases:
         case["pp"] = 2
@@ -186,18 +198,23 @@ def _pp2_cases():
 def test_pp2_matches_single_process():
     """PP = 2: same losses, ℓ_t and gradients as PP = 1 for ALCoT (learned with mixed depths, a
     micro-batch halted after step 1, never), vanilla, loop and pause; tied and untied embeddings;
-    even and uneven splits; the halted micro-batch runs no lap past step 1 on any stage."""
+    even and uneven splits; GPipe order and one micro-batch in flight; the halted micro-batch runs
+    no lap past step 1 on any stage."""
     cases = _pp2_cases()
     _check(run_distributed(_pipeline_body, 2, cases), cases)
 
 
 @pytest.mark.slow
 def test_pp4_uneven_and_pp2_tp2():
-    """Four stages with an uneven split, 3 of 4 micro-batches in flight, and PP = 2 x TP = 2."""
+    """Four stages with an uneven split, 3 of 4 micro-batches in flight; 1F1B with 6 micro-batches
+    of uneven depths on 4 stages (at most 4 alive); PP = 2 x TP = 2."""
     cases = [{"name": "pp4-uneven", "pp": 4,
               "cfg": _cfg(num_layers=5, untie_embeddings_and_output_weights=False),
               "split": "2,1,1,1", "batches": _batches(7, 4), "max_in_flight": 3,
               "halting": ["learned", halt_after_step1, "learned", "always"]},
+             {"name": "pp4-1f1b-more-micro-batches-than-stages", "pp": 4, "cfg": _cfg(),
+              "batches": _batches(11, 6),
+              "halting": ["never", halt_after_step1, "learned", "always", "learned", halt_after_step1]},
              {"name": "pp2-tp2", "pp": 2, "tp": 2, "cfg": _cfg(untie_embeddings_and_output_weights=False),
               "batches": _batches(8), "halting": "learned"}]
     _check(run_distributed(_pipeline_body, 4, cases), cases)
@@ -240,21 +257,20 @@ def test_ponder_with_pipeline_is_refused():
         build_pipeline_stage(_cfg("ponder"), pipeline_rank=0, pipeline_size=2)
 
 
-def test_backward_rounds_respect_dependencies():
-    counts, stages = [2, 1, 4, 3], 3
-    rounds = backward_rounds(counts, stages)
-    when = {}
-    for t, row in enumerate(rounds):
-        for p, item in enumerate(row):
-            if item is not None:
-                assert (item, p) not in when
-                when[(item, p)] = t
-    for m, n in enumerate(counts):
-        for k in range(n):
-            for p in range(stages):
-                t = when[((m, k), p)]
-                if p < stages - 1:
-                    assert t == when[((m, k), p + 1)] + 1       # gradient from the next stage
-                elif k < n - 1:
-                    assert t == when[((m, k + 1), 0)] + 1       # gradient wrapped from stage 0
-    assert len(when) == sum(counts) * stages
+def test_max_in_flight_microbatches():
+    assert max_in_flight_microbatches(4, 0, 32) == 4
+    assert max_in_flight_microbatches(4, 3, 32) == 4
+    assert max_in_flight_microbatches(4, 2, 3) == 3
+    assert max_in_flight_microbatches(4, 1, 32, limit=6) == 6
+    assert max_in_flight_microbatches(2, 1, 32, order="gpipe") == 32
+    with pytest.raises(ValueError, match="pipeline order"):
+        max_in_flight_microbatches(2, 0, 4, order="interleaved")
+
+
+def test_pipeline_flags_are_validated():
+    with pytest.raises(ConfigError, match="--pipeline-schedule"):
+        ParallelConfig(pipeline_schedule="zb").validate(1)
+    with pytest.raises(ConfigError, match="--pipeline-max-in-flight"):
+        ParallelConfig(pipeline_max_in_flight=0).validate(1)
+    with pytest.raises(ConfigError, match="virtual-pipeline"):
+        ParallelConfig(num_layers_per_virtual_pipeline_stage=2).validate(1)

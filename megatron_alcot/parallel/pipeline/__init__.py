@@ -1,21 +1,13 @@
-"""Pipeline parallelism with latent laps: stage construction, p2p messages, schedule
-(docs/architecture.md §8).
+"""Model-free pipeline primitives (docs/architecture.md §8): asynchronous messages between stages.
 
-    from megatron_alcot.parallel.pipeline import build_pipeline_stage, forward_backward_pipelining_with_laps
-    from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
-    stage = build_pipeline_stage(model_cfg, parallel_cfg, seed=1234)
-    infos = forward_backward_pipelining_with_laps(forward_step_func=step, data_iterator=it,
-                                                  model=stage, num_microbatches=4)
-    allreduce_tied_embedding_grads(stage)
+    from megatron_alcot.parallel.pipeline import p2p
+    link = p2p.StageLink(spec, next_rank, prev_rank, group)
 
-Files: ``build.py`` (layer split, this rank's stage), ``p2p.py`` (static-shape
-messages between stages), ``lap_schedule.py`` (the forward rounds around the ring and the lap-cut
-backward).
+The schedule that drives them lives above the model, in
+:mod:`megatron_alcot.training.pipeline_schedule`; the layer split and this rank's stage in
+:mod:`megatron_alcot.model.pipeline_split`; the tied-embedding gradient sum in
+:mod:`megatron_alcot.optim.tied_embedding`.
 """
-from megatron_alcot.parallel.pipeline.build import build_pipeline_stage, layer_ranges, parse_layer_split
-from megatron_alcot.parallel.pipeline.lap_schedule import (backward_rounds,
-                                                           forward_backward_pipelining_with_laps,
-                                                           infos_from_last_stage)
+from megatron_alcot.parallel.pipeline import p2p
 
-__all__ = ["build_pipeline_stage", "layer_ranges", "parse_layer_split",
-           "forward_backward_pipelining_with_laps", "backward_rounds", "infos_from_last_stage"]
+__all__ = ["p2p"]

@@ -1,35 +1,45 @@
-"""Point-to-point messages between pipeline stages, with static shapes (docs/architecture.md §8).
+"""Asynchronous point-to-point messages between pipeline stages, with static shapes (docs/architecture.md §8).
 
-A lap message carries one micro-batch's lap state around the ring of stages::
+Model-free: tensors and ranks only. A schedule drives it in rounds::
 
-    spec = MessageSpec(batch=2, seq=32, hidden=64, dtype=torch.float32, device=dev)
-    msg = LapMessage(LAP, micro_batch=0, step=k, hidden=h, active=a, reach=r, position_ids=pos)
-    got = exchange(msg, next_rank, prev_rank, spec, group)   # send to next, receive from prev
+    link = StageLink(spec, next_rank, prev_rank, group)
+    link.post_round(fwd_msg, grad_msg)      # isend headers (+ payloads), irecv next round's headers
+    fwd_head, bwd_head = link.headers()     # wait for the two headers: the one host read per round
+    link.expect(fwd_head, bwd_head)         # irecv the payloads the headers announce
+    msg = link.forward_payload()            # wait only now: LapMessage with hidden/active/reach
+    grad = link.backward_payload()          # wait only now: [b, s, h] gradient
 
-    grad = exchange_grad(g, send_to, recv_from, spec, like=h, group=group)  # backward direction
+Every round each stage sends one 4-int header forward (to the next stage of the ring) and one
+backward (to the previous), and receives one from each side. ``kind`` in the header says whether a
+payload follows, so bubbles, finished micro-batches (DONE) and the stop signal carry none. Payloads
+have the shapes of the spec whatever the halting decisions (full sequence plus masks), so sender and
+receiver never disagree about sizes.
 
-Every message of a spec has the same shapes whatever the halting decisions (full sequence plus
-masks; bubbles, finished micro-batches and the stop signal are zero payloads with a header), so
-sender and receiver never disagree about sizes. Within a round every rank posts all its sends and
-receives together (``batch_isend_irecv``) and waits for them, which cannot deadlock: induction on
-rounds, each round's operations all have a match in the same round.
+The header is the schedule's only host read: the continue/DONE decision of the last stage (the
+lap count, once per micro-batch, and one bit per lap) decides what the next stage runs. The four
+header tensors of a round are read with one ``.tolist()``; on the receiving side payload receives
+are posted as soon as the headers arrive and waited on only right before the compute that uses them.
 
-Wire layout: ``hidden [b, s, h]`` in the spec's dtype (the parameters' dtype), ``reach [b, s]`` fp32,
-and one int64 vector ``[kind, micro_batch, step, dtype_code, active (b·s), position_ids (b·s)]``.
-The hidden state is cast back to the sender's dtype on arrival (``dtype_code``).
+Ordering: between one pair of ranks both sides post forward before backward, headers before
+payloads, so the exchanges match in order on NCCL (which ignores tags) and by tag on gloo. Sends are
+waited on one round later (their tensors stay referenced until then).
+
+Wire layout of a lap: ``hidden [b, s, h]`` in the spec's wire dtype (the activation dtype: bf16
+under bf16 autocast), ``reach [b, s]`` fp32, ``meta [2·b·s]`` int64 (active, position ids); a
+gradient is ``[b, s, h]`` in the wire dtype.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-BUBBLE, LAP, DONE, STOP = 0, 1, 2, 3
-KIND_NAMES = ("bubble", "lap", "done", "stop")
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-_HEADER = 4
+BUBBLE, LAP, DONE, STOP, GRAD = 0, 1, 2, 3, 4
+KIND_NAMES = ("bubble", "lap", "done", "stop", "grad")
+HEADER = 4                      # [kind, micro_batch, step, aux]
+_TAG_FWD_HEAD, _TAG_BWD_HEAD, _TAG_HIDDEN, _TAG_REACH, _TAG_META, _TAG_GRAD = range(1, 7)
 
 
 @dataclass(frozen=True)
@@ -42,17 +52,14 @@ class MessageSpec:
     dtype: torch.dtype       # wire dtype of hidden states and their gradients
     device: torch.device
 
-    def buffers(self) -> List[torch.Tensor]:
-        b, s = self.batch, self.seq
-        return [torch.empty(b, s, self.hidden, dtype=self.dtype, device=self.device),
-                torch.empty(b, s, dtype=torch.float32, device=self.device),
-                torch.empty(_HEADER + 2 * b * s, dtype=torch.int64, device=self.device)]
+    def hidden_buffer(self) -> torch.Tensor:
+        return torch.empty(self.batch, self.seq, self.hidden, dtype=self.dtype, device=self.device)
 
 
 @dataclass
 class LapMessage:
-    """One lap state in flight; ``kind`` is BUBBLE, LAP, DONE (the micro-batch finished on the last
-    stage) or STOP (the schedule ends). Only LAP carries a payload."""
+    """A header and, for LAP, one lap state. ``aux``: the lap count for DONE, the last round for
+    STOP."""
 
     kind: int
     micro_batch: int = -1
@@ -61,81 +68,123 @@ class LapMessage:
     active: Optional[torch.Tensor] = None          # [b, s] bool
     reach: Optional[torch.Tensor] = None           # [b, s] fp32
     position_ids: Optional[torch.Tensor] = None    # [b, s] int64 (None: 0..s-1)
+    aux: int = 0
 
     def __repr__(self) -> str:
         return f"LapMessage({KIND_NAMES[self.kind]}, micro_batch={self.micro_batch}, step={self.step})"
 
 
-def pack(msg: LapMessage, spec: MessageSpec) -> List[torch.Tensor]:
-    hidden, reach, meta = (t.zero_() for t in spec.buffers())
-    meta[0], meta[1], meta[2] = msg.kind, msg.micro_batch, msg.step
-    if msg.kind == LAP:
-        expected = (spec.batch, spec.seq, spec.hidden)
-        if tuple(msg.hidden.shape) != expected:
-            raise RuntimeError(f"lap state of shape {tuple(msg.hidden.shape)} does not match the "
-                               f"pipeline message shape {expected}; every micro-batch of one step must "
-                               "have the same micro-batch size and sequence length")
-        hidden.copy_(msg.hidden.detach())
-        reach.copy_(msg.reach.detach())
-        meta[3] = _DTYPES.index(msg.hidden.dtype)
-        n = spec.batch * spec.seq
-        meta[_HEADER:_HEADER + n] = msg.active.reshape(-1)
-        positions = msg.position_ids
-        if positions is None:
-            positions = torch.arange(spec.seq, device=spec.device).expand(spec.batch, spec.seq)
-        meta[_HEADER + n:] = positions.reshape(-1)
-    return [hidden, reach, meta]
+@dataclass
+class GradMessage:
+    """Backward direction: the gradient of lap ``step`` of ``micro_batch``'s input (GRAD), or
+    nothing (BUBBLE)."""
+
+    kind: int = BUBBLE
+    micro_batch: int = -1
+    step: int = 0
+    grad: Optional[torch.Tensor] = None            # [b, s, h]
 
 
-def unpack(tensors: Sequence[torch.Tensor], spec: MessageSpec) -> LapMessage:
-    hidden, reach, meta = tensors
-    header = meta[:_HEADER].tolist()
-    kind, micro_batch, step, dtype_code = header
-    if kind != LAP:
-        return LapMessage(kind, micro_batch, step)
-    b, s = spec.batch, spec.seq
-    n = b * s
-    active = meta[_HEADER:_HEADER + n].view(b, s).bool()
-    positions = meta[_HEADER + n:].view(b, s).clone()
-    return LapMessage(kind, micro_batch, step, hidden.to(_DTYPES[dtype_code]), active, reach, positions)
+Header = Tuple[int, int, int, int]
 
 
-def _run(sends: Sequence[Tuple[torch.Tensor, int]], recvs: Sequence[Tuple[torch.Tensor, int]],
-         group) -> None:
-    ops = [dist.P2POp(dist.isend, t, peer, group) for t, peer in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer, group) for t, peer in recvs]
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+class StageLink:
+    """The asynchronous sends and receives of one stage with its two ring neighbours."""
+
+    def __init__(self, spec: MessageSpec, next_rank: int, prev_rank: int, group=None):
+        self.spec, self.next, self.prev, self.group = spec, next_rank, prev_rank, group
+        self._sends: List = []             # (work, tensor) of the last round, waited next round
+        self._head_recv: List = []         # [(work, tensor)] x 2 (forward, backward) or []
+        self._fwd_recv: List = []
+        self._bwd_recv: List = []
+        self._fwd_head: Optional[Header] = None
+
+    # --- sending ---------------------------------------------------------------------------------
+    def _header(self, kind: int, micro_batch: int, step: int, aux: int) -> torch.Tensor:
+        return torch.tensor([kind, micro_batch, step, aux], dtype=torch.int64, device=self.spec.device)
+
+    def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+        self._sends.append((dist.isend(tensor, dst, group=self.group, tag=tag), tensor))
+
+    def _irecv(self, tensor: torch.Tensor, src: int, tag: int):
+        return dist.irecv(tensor, src, group=self.group, tag=tag), tensor
+
+    def post_round(self, fwd: LapMessage, bwd: GradMessage) -> None:
+        """Send this round's two messages and post the receives of the next round's headers."""
+        self.wait_sends()
+        self._isend(self._header(fwd.kind, fwd.micro_batch, fwd.step, fwd.aux), self.next, _TAG_FWD_HEAD)
+        self._isend(self._header(bwd.kind, bwd.micro_batch, bwd.step, 0), self.prev, _TAG_BWD_HEAD)
+        self._head_recv = [self._irecv(torch.empty(HEADER, dtype=torch.int64, device=self.spec.device),
+                                       self.prev, _TAG_FWD_HEAD),
+                           self._irecv(torch.empty(HEADER, dtype=torch.int64, device=self.spec.device),
+                                       self.next, _TAG_BWD_HEAD)]
+        if fwd.kind == LAP:
+            self._check_shape(fwd.hidden)
+            positions = fwd.position_ids
+            if positions is None:
+                positions = torch.arange(self.spec.seq, device=self.spec.device).expand(self.spec.batch,
+                                                                                        self.spec.seq)
+            meta = torch.cat([fwd.active.reshape(-1).long(), positions.reshape(-1).long()])
+            self._isend(fwd.hidden.detach().to(self.spec.dtype).contiguous(), self.next, _TAG_HIDDEN)
+            self._isend(fwd.reach.detach().float().contiguous(), self.next, _TAG_REACH)
+            self._isend(meta, self.next, _TAG_META)
+        if bwd.kind == GRAD:
+            self._isend(bwd.grad.detach().to(self.spec.dtype).contiguous(), self.prev, _TAG_GRAD)
+
+    def wait_sends(self) -> None:
+        for work, _ in self._sends:
             work.wait()
+        self._sends = []
 
+    def _check_shape(self, hidden: torch.Tensor) -> None:
+        expected = (self.spec.batch, self.spec.seq, self.spec.hidden)
+        if tuple(hidden.shape) != expected:
+            raise RuntimeError(f"lap state of shape {tuple(hidden.shape)} does not match the pipeline "
+                               f"message shape {expected}; every micro-batch of one step must have the "
+                               "same micro-batch size and sequence length")
 
-def exchange(msg: Optional[LapMessage], send_to: Optional[int], recv_from: Optional[int],
-             spec: MessageSpec, group=None) -> Optional[LapMessage]:
-    """Send ``msg`` to global rank ``send_to`` and receive one message from ``recv_from`` (either
-    may be None), posted together. Returns the received message or None."""
-    sends = [(t, send_to) for t in pack(msg, spec)] if send_to is not None else []
-    buffers = spec.buffers() if recv_from is not None else []
-    _run(sends, [(t, recv_from) for t in buffers], group)
-    return unpack(buffers, spec) if buffers else None
+    # --- receiving -------------------------------------------------------------------------------
+    def headers(self) -> Tuple[Header, Header]:
+        """Wait for the two headers posted last round; one host read for both."""
+        for work, _ in self._head_recv:
+            work.wait()
+        both = torch.cat([t for _, t in self._head_recv]).tolist()
+        self._head_recv = []
+        return tuple(both[:HEADER]), tuple(both[HEADER:])
 
+    def expect(self, fwd_head: Header, bwd_head: Header) -> None:
+        """Post the payload receives the headers announce (forward before backward)."""
+        self._fwd_head = fwd_head
+        if fwd_head[0] == LAP:
+            b, s = self.spec.batch, self.spec.seq
+            self._fwd_recv = [self._irecv(self.spec.hidden_buffer(), self.prev, _TAG_HIDDEN),
+                              self._irecv(torch.empty(b, s, dtype=torch.float32, device=self.spec.device),
+                                          self.prev, _TAG_REACH),
+                              self._irecv(torch.empty(2 * b * s, dtype=torch.int64, device=self.spec.device),
+                                          self.prev, _TAG_META)]
+        if bwd_head[0] == GRAD:
+            self._bwd_recv = [self._irecv(self.spec.hidden_buffer(), self.next, _TAG_GRAD)]
 
-def exchange_grad(grad: Optional[torch.Tensor], send_to: Optional[int], recv_from: Optional[int],
-                  spec: MessageSpec, like_dtype: torch.dtype = None, group=None) -> Optional[torch.Tensor]:
-    """Backward direction: send the gradient of this stage's lap input ``[b, s, h]`` (None: zeros)
-    and/or receive the gradient of this stage's lap output, returned in ``like_dtype``."""
-    sends = []
-    if send_to is not None:
-        out = spec.buffers()[0]
-        if grad is None:
-            out.zero_()
-        else:
-            out.copy_(grad)
-        sends = [(out, send_to)]
-    buffer = spec.buffers()[0] if recv_from is not None else None
-    _run(sends, [(buffer, recv_from)] if buffer is not None else [], group)
-    if buffer is None:
-        return None
-    return buffer.to(like_dtype) if like_dtype is not None else buffer
+    def forward_payload(self) -> LapMessage:
+        kind, micro_batch, step, aux = self._fwd_head
+        if kind != LAP:
+            return LapMessage(kind, micro_batch, step, aux=aux)
+        for work, _ in self._fwd_recv:
+            work.wait()
+        (_, hidden), (_, reach), (_, meta) = self._fwd_recv
+        self._fwd_recv = []
+        b, s = self.spec.batch, self.spec.seq
+        active = meta[: b * s].view(b, s).bool()
+        positions = meta[b * s:].view(b, s)
+        return LapMessage(LAP, micro_batch, step, hidden, active, reach, positions, aux)
+
+    def backward_payload(self) -> Optional[torch.Tensor]:
+        if not self._bwd_recv:
+            return None
+        (work, grad), = self._bwd_recv
+        work.wait()
+        self._bwd_recv = []
+        return grad
 
 
 def broadcast_spec(spec: Optional[MessageSpec], src: int, hidden: int, dtype: torch.dtype,

@@ -1,4 +1,4 @@
-"""This rank's pipeline stage and the layer split.
+"""Pipeline stages of the model: the layer split and this rank's stage.
 
     stage = build_pipeline_stage(model_cfg, parallel_cfg, seed=1234)         # after initialize_model_parallel
     stage = build_pipeline_stage(cfg, pcfg, layer_split="3,5")               # explicit layers per stage
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import List, Optional, Sequence, Tuple, Union
 
 from megatron_alcot.config import ConfigError
+from megatron_alcot.model import build_model
 from megatron_alcot.parallel import state
 
 LayerSplit = Union[None, str, Sequence[int]]
@@ -64,7 +65,6 @@ def build_pipeline_stage(model_cfg, parallel_cfg=None, seed: int = 1234, *, laye
     last, and its slice of the layers. ``layer_split`` defaults to
     ``parallel_cfg.pipeline_layer_split`` when the config has it; ``pipeline_rank`` /
     ``pipeline_size`` default to the process groups (pass them to build stages in one process)."""
-    from megatron_alcot.model import build_model
     pp = pipeline_size if pipeline_size is not None else state.get_pipeline_model_parallel_world_size()
     rank = pipeline_rank if pipeline_rank is not None else state.get_pipeline_model_parallel_rank()
     if layer_split is None:
