@@ -222,7 +222,7 @@ class _LapPipeline:
         hidden = msg.hidden.to(self.dtype)
         if self.training:
             hidden = hidden.detach().requires_grad_()
-        return LapState(hidden, msg.active, msg.reach, msg.step, msg.position_ids)
+        return LapState(hidden, msg.active, msg.reach, msg.step, msg.position_ids, sizes=msg.sizes)
 
     # --- forward lap -----------------------------------------------------------------------------
     def _run_lap(self, mb: _MicroBatch, lap: LapState) -> torch.Tensor:
@@ -248,14 +248,15 @@ class _LapPipeline:
         """Run this stage's lap; the message for the next stage."""
         y = self._run_lap(mb, lap)
         if not self.last:
-            return LapMessage(LAP, mb.index, lap.step, y, lap.active, lap.reach, lap.position_ids)
+            return LapMessage(LAP, mb.index, lap.step, y, lap.active, lap.reach, lap.position_ids,
+                              sizes=lap.sizes)
         if lap.step == 0:
             with self._autocast():
                 mb.ctx = self.method.begin(self.stage, lap, labels=mb.batch["labels"],
                                            loss_mask=mb.batch.get("loss_mask"),
                                            halting=self._halting(mb.index))
         else:
-            lap = LapState(lap.hidden, lap.active, mb.pending.reach, lap.step, lap.position_ids)
+            lap = LapState(lap.hidden, lap.active, mb.pending.reach, lap.step, lap.position_ids, sizes=lap.sizes)
         rec = mb.laps[-1]
         rec.y_leaf = y.detach().requires_grad_() if self.training else y
         with self._autocast():
@@ -268,7 +269,8 @@ class _LapPipeline:
             return LapMessage(DONE, mb.index, lap.step, aux=len(mb.laps))
         rec.h_next = nxt.hidden
         mb.pending = nxt
-        return LapMessage(LAP, mb.index, nxt.step, nxt.hidden, nxt.active, nxt.reach, nxt.position_ids)
+        return LapMessage(LAP, mb.index, nxt.step, nxt.hidden, nxt.active, nxt.reach, nxt.position_ids,
+                          sizes=nxt.sizes)
 
     # --- backward lap ----------------------------------------------------------------------------
     def _backward_lap(self, m: int, k: int, grad_out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -323,7 +325,7 @@ class _LapPipeline:
         done = 0                                   # last stage: finished micro-batches
         ready: deque = deque()                     # last stage: finished, backward not started
         held: List[int] = []                       # last stage (GPipe): finished, waiting for all
-        fwd_head, bwd_head = (BUBBLE, -1, 0, 0), (BUBBLE, -1, 0, 0)
+        fwd_head, bwd_head = (BUBBLE, -1, 0, 0, -1, -1), (BUBBLE, -1, 0, 0, -1, -1)
         final_round: Optional[int] = None
         r = 0
         while True:

@@ -9,13 +9,15 @@ Model-free: tensors and ranks only. A schedule drives it in rounds::
     msg = link.forward_payload()            # wait only now: LapMessage with hidden/active/reach
     grad = link.backward_payload()          # wait only now: [b, s, h] gradient
 
-Every round each stage sends one 4-int header forward (to the next stage of the ring) and one
+Every round each stage sends one 6-int header forward (to the next stage of the ring) and one
 backward (to the previous), and receives one from each side. ``kind`` in the header says whether a
 payload follows, so bubbles, finished micro-batches (DONE) and the stop signal carry none. Payloads
 have the shapes of the spec whatever the halting decisions (full sequence plus masks), so sender and
 receiver never disagree about sizes.
 
-The header is the schedule's only host read: the continue/DONE decision of the last stage (the
+The header also carries the lap's host-known compaction sizes (active tokens, the most in one
+row), so the receiving stage compacts without reading its mask. The header is the schedule's only
+host read: the continue/DONE decision of the last stage (the
 lap count, once per micro-batch, and one bit per lap) decides what the next stage runs. The four
 header tensors of a round are read with one ``.tolist()``; on the receiving side payload receives
 are posted as soon as the headers arrive and waited on only right before the compute that uses them.
@@ -38,7 +40,7 @@ import torch.distributed as dist
 
 BUBBLE, LAP, DONE, STOP, GRAD = 0, 1, 2, 3, 4
 KIND_NAMES = ("bubble", "lap", "done", "stop", "grad")
-HEADER = 4                      # [kind, micro_batch, step, aux]
+HEADER = 6                      # [kind, micro_batch, step, aux, size0, size1]
 _TAG_FWD_HEAD, _TAG_BWD_HEAD, _TAG_HIDDEN, _TAG_REACH, _TAG_META, _TAG_GRAD = range(1, 7)
 
 
@@ -69,6 +71,7 @@ class LapMessage:
     reach: Optional[torch.Tensor] = None           # [b, s] fp32
     position_ids: Optional[torch.Tensor] = None    # [b, s] int64 (None: 0..s-1)
     aux: int = 0
+    sizes: Optional[Tuple[int, int]] = None        # the lap's host-known sizes (LAP), if any
 
     def __repr__(self) -> str:
         return f"LapMessage({KIND_NAMES[self.kind]}, micro_batch={self.micro_batch}, step={self.step})"
@@ -85,7 +88,7 @@ class GradMessage:
     grad: Optional[torch.Tensor] = None            # [b, s, h]
 
 
-Header = Tuple[int, int, int, int]
+Header = Tuple[int, int, int, int, int, int]
 
 
 class StageLink:
@@ -100,8 +103,11 @@ class StageLink:
         self._fwd_head: Optional[Header] = None
 
     # --- sending ---------------------------------------------------------------------------------
-    def _header(self, kind: int, micro_batch: int, step: int, aux: int) -> torch.Tensor:
-        return torch.tensor([kind, micro_batch, step, aux], dtype=torch.int64, device=self.spec.device)
+    def _header(self, kind: int, micro_batch: int, step: int, aux: int,
+                sizes: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        size0, size1 = sizes if sizes is not None else (-1, -1)
+        return torch.tensor([kind, micro_batch, step, aux, size0, size1], dtype=torch.int64,
+                            device=self.spec.device)
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         self._sends.append((dist.isend(tensor, dst, group=self.group, tag=tag), tensor))
@@ -112,7 +118,8 @@ class StageLink:
     def post_round(self, fwd: LapMessage, bwd: GradMessage) -> None:
         """Send this round's two messages and post the receives of the next round's headers."""
         self.wait_sends()
-        self._isend(self._header(fwd.kind, fwd.micro_batch, fwd.step, fwd.aux), self.next, _TAG_FWD_HEAD)
+        self._isend(self._header(fwd.kind, fwd.micro_batch, fwd.step, fwd.aux, fwd.sizes), self.next,
+                    _TAG_FWD_HEAD)
         self._isend(self._header(bwd.kind, bwd.micro_batch, bwd.step, 0), self.prev, _TAG_BWD_HEAD)
         self._head_recv = [self._irecv(torch.empty(HEADER, dtype=torch.int64, device=self.spec.device),
                                        self.prev, _TAG_FWD_HEAD),
@@ -166,7 +173,8 @@ class StageLink:
             self._bwd_recv = [self._irecv(self.spec.hidden_buffer(), self.next, _TAG_GRAD)]
 
     def forward_payload(self) -> LapMessage:
-        kind, micro_batch, step, aux = self._fwd_head
+        kind, micro_batch, step, aux, size0, size1 = self._fwd_head
+        sizes = (size0, size1) if size0 >= 0 else None
         if kind != LAP:
             return LapMessage(kind, micro_batch, step, aux=aux)
         for work, _ in self._fwd_recv:
@@ -176,7 +184,7 @@ class StageLink:
         b, s = self.spec.batch, self.spec.seq
         active = meta[: b * s].view(b, s).bool()
         positions = meta[b * s:].view(b, s)
-        return LapMessage(LAP, micro_batch, step, hidden, active, reach, positions, aux)
+        return LapMessage(LAP, micro_batch, step, hidden, active, reach, positions, aux, sizes)
 
     def backward_payload(self) -> Optional[torch.Tensor]:
         if not self._bwd_recv:
