@@ -60,7 +60,7 @@ class ModelConfig:
     max_position_embeddings: Optional[int] = None  # --max-position-embeddings; None: seq_length
     rotary_base: float = 10000.0              # --rotary-base (HF rope_theta)
     norm_epsilon: float = 1e-5                # --norm-epsilon
-    untie_embeddings_and_output_weights: bool = True  # --untie-embeddings-and-output-weights
+    untie_embeddings_and_output_weights: bool = False  # --untie-embeddings-and-output-weights; tied, as the CLI
     init_method_std: Optional[float] = None   # --init-method-std; None: sqrt(2/(5·h)) (PonderLM-2)
     scale_output_init: bool = True            # divide linear_proj/linear_fc2 init std by sqrt(2·L)
     attention_dropout: float = 0.0            # --attention-dropout

@@ -10,14 +10,15 @@ from dataclasses import replace
 from megatron_alcot.config import ModelConfig
 
 PRESETS = {
-    # Unit-test sizes (CPU, seconds).
+    # Unit-test sizes (CPU, seconds), untied.
     "tiny": dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
-                 ffn_hidden_size=128, vocab_size=256, make_vocab_size_divisible_by=32, seq_length=32),
+                 ffn_hidden_size=128, vocab_size=256, make_vocab_size_divisible_by=32, seq_length=32,
+                 untie_embeddings_and_output_weights=True),
     "tiny-tp4": dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4,
                      ffn_hidden_size=128, vocab_size=256, make_vocab_size_divisible_by=32,
-                     seq_length=32),
+                     seq_length=32, untie_embeddings_and_output_weights=True),
     "small": dict(num_layers=4, hidden_size=256, num_attention_heads=4, ffn_hidden_size=688,
-                  vocab_size=1024, seq_length=256),
+                  vocab_size=1024, seq_length=256, untie_embeddings_and_output_weights=True),
     # The paper's models (PonderLM-2 repo configs; GPT-NeoX vocab padded to 50304), untied.
     "410m": dict(num_layers=24, hidden_size=1024, num_attention_heads=16, ffn_hidden_size=2752,
                  vocab_size=50304, seq_length=2048, untie_embeddings_and_output_weights=True),

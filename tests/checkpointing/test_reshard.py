@@ -227,7 +227,7 @@ def _llama_cfg():
     from megatron_alcot.config import ModelConfig
     return ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                        vocab_size=V, make_vocab_size_divisible_by=96, seq_length=16,
-                       latent_method="alcot", latent_max_steps=2)
+                       latent_method="alcot", latent_max_steps=2, untie_embeddings_and_output_weights=True)
 
 
 def _llama_logits(model):

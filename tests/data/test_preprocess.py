@@ -196,8 +196,10 @@ def test_ctrl_c_while_waiting_for_input_writes_nothing(tmp_path):
     proc = subprocess.Popen([sys.executable, TOOL, "--input", str(fifo), "--output-prefix", str(tmp_path / "o"),
                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--workers", "2",
                              "--log-interval", "1", "--chunk-bytes", "64"],
-                            stderr=subprocess.PIPE, text=True)
-    watchdog = threading.Timer(120, proc.kill)  # never hang the suite if the tool stops responding
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Never hang the suite if the tool stops responding: kill its workers too, since they hold the
+    # stderr pipe open and the readline below would otherwise wait for them forever.
+    watchdog = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     try:
         with open(fifo, "w") as writer:

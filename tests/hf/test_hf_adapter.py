@@ -17,7 +17,8 @@ V = 300
 
 def small_cfg(**kw):
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=V,
-                ffn_hidden_size=96, rotary_base=500000.0, latent_threshold=0.3)
+                ffn_hidden_size=96, rotary_base=500000.0, latent_threshold=0.3,
+                untie_embeddings_and_output_weights=True)
     base.update(kw)
     return ModelConfig(**base)
 

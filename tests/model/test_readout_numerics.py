@@ -9,7 +9,7 @@ from megatron_alcot.parallel.tensor_parallel.cross_entropy import chunked_target
 
 def _cfg(**kw):
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=200, seq_length=16,
-                latent_method="alcot", latent_max_steps=2)
+                latent_method="alcot", latent_max_steps=2, untie_embeddings_and_output_weights=True)
     base.update(kw)
     return ModelConfig(**base)
 

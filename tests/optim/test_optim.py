@@ -83,7 +83,8 @@ def _grad_norms(rank, world, tp):
     from megatron_alcot.parallel import state
     state.initialize_model_parallel(tensor_model_parallel_size=tp)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128,
-                      seq_length=16, latent_max_steps=2, make_vocab_size_divisible_by=64)
+                      seq_length=16, latent_max_steps=2, make_vocab_size_divisible_by=64,
+                      untie_embeddings_and_output_weights=True)
     model = build_model(cfg, ParallelConfig(tensor_model_parallel_size=tp), seed=3)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 128, (2, 16), generator=gen)

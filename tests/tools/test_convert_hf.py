@@ -54,7 +54,8 @@ def tokenizer_model(tmp_path_factory):
 
 def model_cfg(method="alcot", **kw):
     base = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=V,
-                ffn_hidden_size=96, seq_length=32, rotary_base=500000.0, latent_method=method, latent_threshold=0.3)
+                ffn_hidden_size=96, seq_length=32, rotary_base=500000.0, latent_method=method, latent_threshold=0.3,
+                untie_embeddings_and_output_weights=True)
     base.update(kw)
     return ModelConfig(**base)
 
