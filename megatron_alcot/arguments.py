@@ -147,6 +147,8 @@ def _specs():
         ("--no-overlap-grad-reduce", t, "overlap_grad_reduce",
          dict(action="store_false", default=None)),
         ("--ddp-bucket-size-mb", t, "ddp_bucket_size_mb", dict(type=float)),
+        ("--overlap-param-gather", t, "overlap_param_gather", dict(action="store_true", default=None)),
+        ("--grad-reduce-in-bf16", t, "grad_reduce_in_bf16", dict(action="store_true", default=None)),
         # --- batch and run length ---
         ("--micro-batch-size", t, "micro_batch_size", dict(type=int)),
         ("--global-batch-size", t, "global_batch_size", dict(type=int)),

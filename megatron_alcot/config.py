@@ -390,6 +390,8 @@ class TrainConfig:
     recompute_num_layers: Optional[int] = None  # --recompute-num-layers
     overlap_grad_reduce: bool = True          # --no-overlap-grad-reduce turns it off
     ddp_bucket_size_mb: float = 25.0          # --ddp-bucket-size-mb (fp32 gradient bucket size)
+    overlap_param_gather: bool = False        # --overlap-param-gather (ZeRO: all-gather overlaps the next forward)
+    grad_reduce_in_bf16: bool = False         # --grad-reduce-in-bf16 (gradient buckets travel in bf16)
     eval_interval: int = 1000                 # --eval-interval
     eval_iters: int = 100                     # --eval-iters (0 disables validation)
     save: Optional[str] = None                # --save

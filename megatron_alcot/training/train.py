@@ -170,13 +170,16 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     elif args.parallel.use_distributed_optimizer:
         # Built after .to(device): it moves the parameters into its flat, DP-sharded buffers.
         from megatron_alcot.optim.distributed_optimizer import build_distributed_optimizer
-        optimizer = build_distributed_optimizer(model, args.optim, t,
-                                                zero_stage=args.parallel.zero_stage)
+        optimizer = build_distributed_optimizer(
+            model, args.optim, t, zero_stage=args.parallel.zero_stage,
+            bucket_size_mb=t.ddp_bucket_size_mb, overlap_grad_reduce=t.overlap_grad_reduce,
+            overlap_param_gather=t.overlap_param_gather, grad_reduce_in_bf16=t.grad_reduce_in_bf16)
         ddp = optimizer.wrap_model(model)
     else:
         ddp = DistributedDataParallel(model, state.get_data_parallel_group(), dp_size=dp,
                                       bucket_size_mb=t.ddp_bucket_size_mb,
-                                      overlap_grad_reduce=t.overlap_grad_reduce)
+                                      overlap_grad_reduce=t.overlap_grad_reduce,
+                                      grad_reduce_in_bf16=t.grad_reduce_in_bf16)
         optimizer = build_optimizer(model, args.optim, t)
     scheduler = OptimizerParamScheduler.from_config(optimizer, args.optim, train_iters)
     engine = ddp if args.parallel.deepspeed_config is not None else None   # checkpoints its own state

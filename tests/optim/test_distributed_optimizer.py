@@ -161,7 +161,7 @@ def _dp2_body(rank, world):
     wrapped2 = opt2.wrap_model(model2)
     _train(wrapped2, opt2, _sched(opt2), batches[:STEPS], rank, world)
     out["zero2_equal"] = all(torch.equal(out["params"][n], p) for n, p in model2.named_parameters())
-    out["zero2_released"] = opt2.grad_buffer is None and all(p.grad is None for p in model2.parameters())
+    out["zero2_released"] = opt2.grad_bytes() == 0 and all(p.grad is None for p in model2.parameters())
 
     # No clipping: bitwise equal to DDP (all-reduce) + the base optimizer.
     from megatron_alcot.training.ddp import DistributedDataParallel
@@ -210,8 +210,9 @@ def test_state_is_sharded_over_dp(dp2, reference):
     numel = sum(s["exp_avg"].numel() for s in ref_adam.values())
     single = sum(t.numel() * t.element_size() for s in ref_adam.values() for t in s.values())
     for out in dp2:
-        assert out["state_bytes"] == pytest.approx(single / 2, rel=1e-3)    # 1/DP of AdamW's state
-        assert out["shard"]["shard"]["exp_avg"].numel() == -(-numel // 2)
+        # 1/DP of AdamW's state, up to where the 64-element aligned buckets split between ranks.
+        assert out["state_bytes"] == pytest.approx(single / 2, rel=3e-2)
+        assert -(-numel // 2) <= out["shard"]["shard"]["exp_avg"].numel() <= numel // 2 + 64 * len(ref_adam)
 
 
 @pytest.mark.slow
