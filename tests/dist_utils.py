@@ -39,9 +39,10 @@ def free_port() -> int:
 
 
 # Collectives whose tensor arguments the guard checks (positional or keyword, lists included).
+# Not isend / irecv: dist.P2POp accepts only the original functions (batch_isend_irecv).
 _GUARDED = ("all_reduce", "broadcast", "reduce", "all_gather", "all_gather_into_tensor",
             "reduce_scatter", "reduce_scatter_tensor", "all_to_all", "all_to_all_single",
-            "send", "recv", "isend", "irecv", "scatter", "gather")
+            "send", "recv", "scatter", "gather")
 
 
 def _tensors(values):
