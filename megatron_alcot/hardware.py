@@ -59,7 +59,7 @@ HINT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"
               "asimd", "bf16", "sve", "sve2")
 FORCEABLE = {"bf16": ("fast", "slow"), "fp16": ("fast", "slow"), "gemm": ("torch", "onednn"),
              "attention": ("sdpa", "unfused")}
-CACHE_VERSION = 1
+CACHE_VERSION = 3
 
 
 class ProbeOverrideError(ValueError):
@@ -79,6 +79,8 @@ class Machine:
     unfused_speedup_fp32: float       # SDPA fwd+bwd time / unfused fwd+bwd time
     unfused_speedup_bf16: float
     probe_seconds: float = 0.0
+    isa_limits: str = ""              # ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA in force when measured
+    load: float = 0.0                 # 1-minute load average per core when measured (> 1: a busy machine)
     source: str = "measured"          # measured | cache PATH | file PATH | rank 0
     forced: Dict[str, str] = field(default_factory=dict)   # from MEGATRON_ALCOT_PROBE
 
@@ -100,7 +102,9 @@ class Machine:
         return (self.unfused_speedup_bf16 if low_precision else self.unfused_speedup_fp32) >= MARGIN
 
     def describe(self) -> str:
-        return f"{self.cpu} [{' '.join(self.isa) or 'no listed ISA flags'}], torch {self.torch_version}"
+        limits = f" limited by {self.isa_limits}" if self.isa_limits else ""
+        busy = f", measured at load {self.load:.1f}/core" if self.load > 1 else ""
+        return f"{self.cpu} [{' '.join(self.isa) or 'no listed ISA flags'}{limits}], torch {self.torch_version}{busy}"
 
 
 @dataclass(frozen=True)
@@ -149,20 +153,22 @@ def cache_path(ident: Optional[Dict[str, object]] = None) -> str:
 
 
 # ----------------------------------------------------------------------------- timing
-def _ratio(default: Callable[[], object], other: Callable[[], object], rounds: int) -> float:
+def _ratio(default: Callable[[], object], other: Callable[[], object], rounds: int,
+           budget_s: float = 0.03, max_rounds: int = 25) -> float:
     """Best time of ``default`` / best time of ``other``, the two interleaved so that load from
-    other processes hits both alike."""
+    other processes hits both alike; at least ``rounds`` rounds, more (up to ``max_rounds``) while
+    the pair has used less than ``budget_s``, so fast kernels get more chances at an undisturbed run."""
     default(), other()
     best_d = best_o = math.inf
-    for _ in range(rounds):
-        for fn, is_default in ((default, True), (other, False)):
-            t = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t
-            if is_default:
-                best_d = min(best_d, dt)
-            else:
-                best_o = min(best_o, dt)
+    spent, done = 0.0, 0
+    while done < rounds or (spent < budget_s and done < max_rounds):
+        t0 = time.perf_counter()
+        default()
+        t1 = time.perf_counter()
+        other()
+        t2 = time.perf_counter()
+        best_d, best_o = min(best_d, t1 - t0), min(best_o, t2 - t1)
+        spent, done = spent + t2 - t0, done + 1
     return best_d / best_o
 
 
@@ -203,6 +209,10 @@ def _attention_speedup(dtype: torch.dtype, rounds: int = 4) -> float:
     return _ratio(lambda: step("sdpa"), lambda: step("unfused"), rounds)
 
 
+def _load_per_core() -> float:
+    return os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 0.0
+
+
 def measure() -> Machine:
     """Time the kernels now (no cache, no override). One thread: the kernel choice is what is
     compared, and on a shared machine multi-threaded timings of small kernels are mostly waiting."""
@@ -223,7 +233,9 @@ def measure() -> Machine:
     return Machine(cpu=str(ident["cpu"]), isa=list(ident["isa"]), torch_version=torch.__version__,
                    bf16_speedup=round(bf16, 3), fp16_speedup=round(fp16, 3),
                    onednn_speedup=round(onednn, 3), unfused_speedup_fp32=round(att32, 3),
-                   unfused_speedup_bf16=round(att16, 3), probe_seconds=round(time.perf_counter() - start, 3))
+                   unfused_speedup_bf16=round(att16, 3), probe_seconds=round(time.perf_counter() - start, 3),
+                   isa_limits=" ".join(f"{k}={v}" for k, v in ident["isa_env"].items() if v),
+                   load=round(_load_per_core(), 2))
 
 
 # ----------------------------------------------------------------------------- override, cache
@@ -267,7 +279,7 @@ def parse_override(text: str) -> Override:
 def _from_json(data: dict, source: str) -> Machine:
     names = {f.name for f in fields(Machine)}
     profile = data.get("machine", data)
-    missing = names - set(profile) - {"probe_seconds", "source", "forced"}
+    missing = names - set(profile) - {"probe_seconds", "isa_limits", "load", "source", "forced"}
     if missing:
         raise ProbeOverrideError(f"{source}: not a hardware measurement file (missing {', '.join(sorted(missing))})")
     m = Machine(**{k: v for k, v in profile.items() if k in names})
@@ -324,11 +336,13 @@ def load(env: Optional[str] = None) -> Machine:
     else:
         path = cache_path()
         m = None if (ov.remeasure or ov.nocache) else _read_cache(path)
-        if m is None:
+        # An answer timed on a busy machine is replaced by the first one timed on a quiet one.
+        retime = m is not None and m.load > 1 and _load_per_core() <= 1
+        if m is None or retime:
             m = measure()
             if not ov.nocache:
                 try:
-                    m = _write_cache(path, m, replace=ov.remeasure)
+                    m = _write_cache(path, m, replace=ov.remeasure or retime)
                 except OSError as exc:
                     print(f"[hardware] could not write the probe cache {path}: {exc}", file=sys.stderr)
                 if not m.source.startswith("cache"):

@@ -135,6 +135,20 @@ def test_remeasure_nocache_and_a_damaged_cache(counting_probe):
     assert hardware.load("").source == f"cache {path}" and len(counting_probe) == 4   # repaired
 
 
+def test_an_answer_timed_under_load_is_retimed_when_quiet(counting_probe, monkeypatch):
+    def measure():
+        counting_probe.append(1)
+        return dataclasses.replace(fake(), load=4.0 if len(counting_probe) == 1 else 0.2)
+    monkeypatch.setattr(hardware, "measure", measure)
+    monkeypatch.setattr(hardware, "_load_per_core", lambda: 3.0)
+    assert hardware.load("").load == 4.0
+    assert hardware.load("").source.startswith("cache") and len(counting_probe) == 1     # still busy: kept
+    monkeypatch.setattr(hardware, "_load_per_core", lambda: 0.5)
+    assert hardware.load("").load == 0.2 and len(counting_probe) == 2
+    assert hardware.load("").source.startswith("cache") and len(counting_probe) == 2
+    assert "measured at load" not in hardware.load("").describe()
+
+
 def test_file_override_reuses_another_machines_measurements(counting_probe, tmp_path):
     hardware.load("")
     other = tmp_path / "other.json"
