@@ -343,10 +343,6 @@ def validate_args(args: Arguments, world_size: int) -> None:
     if args.train.recompute_num_layers and args.train.recompute_num_layers > args.model.num_layers:
         raise ConfigError(f"--recompute-num-layers {args.train.recompute_num_layers} is larger than "
                           f"--num-layers {args.model.num_layers}")
-    if args.train.torch_compile and par.tensor_model_parallel_size > 1:
-        raise ConfigError(f"--torch-compile needs --tensor-model-parallel-size 1 (got "
-                          f"{par.tensor_model_parallel_size}): the tensor-parallel collectives would split "
-                          "every layer's graph")
     _validate_deepspeed(args)
 
 

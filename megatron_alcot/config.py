@@ -408,7 +408,7 @@ class TrainConfig:
     max_nan_skips: int = 10                   # --max-nan-skips (consecutive NaN/Inf steps before stopping)
     peak_flops: Optional[float] = None        # --peak-flops (TFLOP/s per device, for MFU)
     deterministic: bool = False               # --deterministic (torch.use_deterministic_algorithms)
-    torch_compile: bool = False               # --torch-compile (compile each transformer layer with torch.compile; TP = 1, no recompute)
+    torch_compile: bool = False               # --torch-compile (compile each transformer layer with torch.compile)
 
     def resolved_global_batch(self, dp: int) -> int:
         return self.global_batch_size if self.global_batch_size is not None else self.micro_batch_size * dp
@@ -451,9 +451,6 @@ class TrainConfig:
         if self.recompute_method not in (None,) + RECOMPUTE_METHODS:
             raise ConfigError(f"--recompute-method {self.recompute_method!r} is unknown; "
                               f"choose one of {', '.join(RECOMPUTE_METHODS)}")
-        if self.torch_compile and self.recompute_granularity is not None:
-            raise ConfigError("--torch-compile cannot be combined with --recompute-granularity "
-                              f"{self.recompute_granularity}: drop one of the two")
         if self.recompute_method is not None and self.recompute_granularity != "full":
             raise ConfigError("--recompute-method needs --recompute-granularity full")
         if self.recompute_num_layers is not None:

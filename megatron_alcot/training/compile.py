@@ -7,8 +7,11 @@ export do not change. Each layer is one graph: its norms, rotary embedding, SwiG
 adds fuse into a few kernels around the matmuls and attention. The first step pays the
 compilation (seconds to a minute on CPU); with latent steps the compacted row count varies from
 lap to lap, so a layer recompiles once and then treats that dimension as dynamic.
-Tensor parallelism and activation recomputation are refused by the configuration checks, since
-their collectives and checkpoint wrappers would split or re-trace the graphs.
+With activation recomputation (applied first, ``recompute.py``) the compiled layer's graph holds
+the non-reentrant checkpoint, so the recomputation runs the compiled code too. Under tensor
+parallelism the layer's all-gathers / reduce-scatters (autograd functions around
+``torch.distributed`` calls) split it into a few graphs. Both train the eager curve
+(tests/training/test_compile_combinations.py).
 """
 from __future__ import annotations
 

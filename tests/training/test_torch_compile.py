@@ -1,12 +1,11 @@
 """``--torch-compile`` trains the same curve as eager mode (vanilla and ALCoT, whose compacted
-shapes vary between laps), and the combinations it cannot join are refused before any compute."""
+shapes vary between laps), and the configuration accepts it with TP and recomputation."""
 import shutil
 
 import pytest
 
 from _tiny import tiny_argv
 from megatron_alcot.arguments import parse_args, validate_args
-from megatron_alcot.config import ConfigError
 from megatron_alcot.training.train import train
 
 
@@ -28,8 +27,7 @@ def test_compiled_layers_follow_the_eager_curve(method):
         assert s1 == s2
 
 
-def test_refused_with_tensor_parallel_or_recompute():
-    with pytest.raises(ConfigError, match="--torch-compile needs --tensor-model-parallel-size 1"):
-        validate_args(parse_args(tiny_argv(torch_compile=True, tensor_model_parallel_size=2)), world_size=2)
-    with pytest.raises(ConfigError, match="--recompute-granularity"):
-        validate_args(parse_args(tiny_argv(torch_compile=True, recompute_granularity="full")), world_size=1)
+def test_accepted_with_tensor_parallel_and_recompute():
+    """Both combinations are allowed (their curves: tests/training/test_compile_combinations.py)."""
+    validate_args(parse_args(tiny_argv(torch_compile=True, tensor_model_parallel_size=2)), world_size=2)
+    validate_args(parse_args(tiny_argv(torch_compile=True, recompute_granularity="full")), world_size=1)
