@@ -17,8 +17,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megatron_alcot.checkpointing.metadata import (VOCAB_TENSORS, CheckpointError, check_files,
-                                                   model_file, optim_file)
+from megatron_alcot.checkpointing import atomic
+from megatron_alcot.checkpointing.metadata import (LATEST_FILE, METADATA_FILE, VOCAB_TENSORS, CheckpointError,
+                                                   check_files, iteration_dir, model_file, model_section,
+                                                   optim_file, read_metadata, resolve_iteration_dir,
+                                                   state_file, write_metadata_text)
 from megatron_alcot.parallel.tensor_parallel.sharding import merge_shards, repad_vocab, shard_tensor
 
 _LAYER_RE = re.compile(r"^((?:.*\.)?decoder\.layers\.)(\d+)(\..*)$")
@@ -156,66 +159,12 @@ def reshard_checkpoint(load_dir: str, save_dir: str, target_tp: int, target_pp: 
     Opaque or DP-sharded optimizer state is dropped: load the result with --no-load-optim.
     Pipeline stages split the layers evenly (``stage_of``).
     """
-    from megatron_alcot.checkpointing import atomic
-    from megatron_alcot.checkpointing.metadata import (LATEST_FILE, METADATA_FILE, iteration_dir,
-                                                       model_section, read_metadata,
-                                                       resolve_iteration_dir, state_file,
-                                                       write_metadata_text)
     iteration, src = resolve_iteration_dir(load_dir, iteration)
     meta = read_metadata(src)
     reader = ShardReader(src, meta)
-    tp, pp = int(target_tp), int(target_pp or meta["topology"]["pp"])
-    cfg = model_section(meta.get("config") or {})
-    num_layers = cfg.get("num_layers") or 1 + max(
-        (layer_index(n) for n in meta["tensors"] if layer_index(n) is not None), default=0)
-    if tp < 1 or pp < 1 or num_layers % pp:
-        raise CheckpointError(f"--target-pipeline-parallel-size {pp} must divide the "
-                              f"{num_layers} layers and sizes must be >= 1")
-    true_size = meta["vocab"]["true_size"]
-    multiple = int(cfg.get("make_vocab_size_divisible_by", 128)) * tp
-    rows = -(-true_size // multiple) * multiple if true_size else None
-
-    def fitted(name, full):
-        info = meta["tensors"][name]
-        if info["vocab"] and rows is not None:
-            full = fit_vocab(full, true_size, rows)
-        return full
-
-    full = {n: fitted(n, merged_tensor(meta, n, lambda t, p, n=n: reader.model(t, p)[n]))
-            for n in meta["tensors"]}
-    meta = dict(meta, tensors=dict(meta["tensors"]))
-    if cfg.get("untie_embeddings_and_output_weights") is False:
-        # Tied embeddings: a last stage other than the first holds a copy as output_layer.weight.
-        tied, copy = "embedding.word_embeddings.weight", "output_layer.weight"
-        if pp > 1 and tied in full:
-            full[copy] = full[tied]
-            meta["tensors"][copy] = dict(meta["tensors"][tied])
-        else:
-            full.pop(copy, None)
-    optim = meta["optimizer"]
-    carry_optim = optim["kind"] == "per_parameter" and not optim["dp_sharded"]
-    if optim["kind"] is not None and not carry_optim:
-        log(f"note: the {optim['kind']}{' DP-sharded' if optim['dp_sharded'] else ''} optimizer "
-            "state cannot be resharded and is dropped; load the result with --no-load-optim")
-    if carry_optim:
-        full_optim = {}
-        for name, info in meta["tensors"].items():
-            first = reader.optim(0, info["pp_rank"])["state"].get(name)
-            if first is None:
-                continue
-            local = list(info["global_shape"])
-            if info["partition_dim"] >= 0:
-                local[info["partition_dim"]] //= meta["topology"]["tp"]
-            full_optim[name] = {
-                k: (fitted(name, merged_tensor(meta, name, lambda t, p, n=name, k=k:
-                                               reader.optim(t, p)["state"][n][k],
-                                               param_shape_local=local))
-                    if torch.is_tensor(v) and list(v.shape) == local else v)
-                for k, v in first.items()}
-        groups = [dict(g, params=list(g["params"])) for g in reader.optim(0, 0)["param_groups"]]
-        for p in range(1, meta["topology"]["pp"]):
-            for g, s in zip(groups, reader.optim(0, p)["param_groups"]):
-                g["params"] += [n for n in s["params"] if n not in g["params"]]
+    layout = _TargetLayout.of(meta, target_tp, target_pp)
+    full, meta = _merged_model(meta, reader, layout)
+    optim = _merged_optimizer(meta, reader, layout, log)
     sched_state = reader.load(state_file(0, 0, 0)).get("scheduler")
 
     final = iteration_dir(save_dir, iteration)
@@ -223,28 +172,121 @@ def reshard_checkpoint(load_dir: str, save_dir: str, target_tp: int, target_pp: 
     os.makedirs(save_dir, exist_ok=True)
     atomic.remove_stale_temporaries(save_dir)
     os.makedirs(tmp)
-    files, tensors = {}, {}
+    files, tensors = _write_shards(tmp, iteration, meta, reader, layout, full, optim, sched_state)
+    text = write_metadata_text(_resharded_metadata(meta, src, layout, optim, files, tensors))
+    atomic.write_file_synced(os.path.join(tmp, METADATA_FILE), lambda f: f.write(text.encode()))
+    atomic.commit_directory(tmp, final)
+    atomic.replace_text(os.path.join(save_dir, LATEST_FILE), str(iteration))
+    return final
 
-    def cut(name, t):
+
+class _TargetLayout:
+    """The target TP/PP sizes, the layer count and the vocabulary rows at the target TP."""
+
+    def __init__(self, tp: int, pp: int, num_layers: int, true_size: int, rows: Optional[int]):
+        self.tp, self.pp, self.num_layers, self.true_size, self.rows = tp, pp, num_layers, true_size, rows
+
+    @classmethod
+    def of(cls, meta: dict, target_tp: int, target_pp: Optional[int]) -> "_TargetLayout":
+        tp, pp = int(target_tp), int(target_pp or meta["topology"]["pp"])
+        cfg = model_section(meta.get("config") or {})
+        num_layers = cfg.get("num_layers") or 1 + max(
+            (layer_index(n) for n in meta["tensors"] if layer_index(n) is not None), default=0)
+        if tp < 1 or pp < 1 or num_layers % pp:
+            raise CheckpointError(f"--target-pipeline-parallel-size {pp} must divide the "
+                                  f"{num_layers} layers and sizes must be >= 1")
+        true_size = meta["vocab"]["true_size"]
+        multiple = int(cfg.get("make_vocab_size_divisible_by", 128)) * tp
+        rows = -(-true_size // multiple) * multiple if true_size else None
+        return cls(tp, pp, num_layers, true_size, rows)
+
+    def fitted(self, meta: dict, name: str, full: torch.Tensor) -> torch.Tensor:
+        """``full`` with its vocabulary dim fitted to the target rows (vocabulary tensors only)."""
+        if meta["tensors"][name]["vocab"] and self.rows is not None:
+            return fit_vocab(full, self.true_size, self.rows)
+        return full
+
+    def cut(self, meta: dict, name: str, full: torch.Tensor, tp_rank: int) -> torch.Tensor:
+        """TP rank ``tp_rank``'s shard of the full tensor ``name`` (a copy when not split)."""
         info = meta["tensors"][name]
-        if info["partition_dim"] >= 0 and tp > 1:
-            return shard_tensor(t, info["partition_dim"], info["partition_stride"], r, tp)
-        return t.clone()
+        if info["partition_dim"] >= 0 and self.tp > 1:
+            return shard_tensor(full, info["partition_dim"], info["partition_stride"], tp_rank, self.tp)
+        return full.clone()
+
+
+def _merged_model(meta: dict, reader: "ShardReader", layout: _TargetLayout):
+    """Every model tensor at full size, and the metadata with the tied output copy added or dropped."""
+    full = {n: layout.fitted(meta, n, merged_tensor(meta, n, lambda t, p, n=n: reader.model(t, p)[n]))
+            for n in meta["tensors"]}
+    meta = dict(meta, tensors=dict(meta["tensors"]))
+    if model_section(meta.get("config") or {}).get("untie_embeddings_and_output_weights") is False:
+        # Tied embeddings: a last stage other than the first holds a copy as output_layer.weight.
+        tied, copy = "embedding.word_embeddings.weight", "output_layer.weight"
+        if layout.pp > 1 and tied in full:
+            full[copy] = full[tied]
+            meta["tensors"][copy] = dict(meta["tensors"][tied])
+        else:
+            full.pop(copy, None)
+    return full, meta
+
+
+class _MergedOptimizer:
+    """Per-parameter optimizer state at full size and the merged param groups; ``carry`` False
+    when the saved state cannot be resharded (opaque or DP-sharded)."""
+
+    def __init__(self, carry: bool, state: Optional[dict] = None, groups: Optional[list] = None):
+        self.carry, self.state, self.groups = carry, state or {}, groups or []
+
+
+def _merged_optimizer(meta: dict, reader: "ShardReader", layout: _TargetLayout, log) -> _MergedOptimizer:
+    optim = meta["optimizer"]
+    carry = optim["kind"] == "per_parameter" and not optim["dp_sharded"]
+    if optim["kind"] is not None and not carry:
+        log(f"note: the {optim['kind']}{' DP-sharded' if optim['dp_sharded'] else ''} optimizer "
+            "state cannot be resharded and is dropped; load the result with --no-load-optim")
+    if not carry:
+        return _MergedOptimizer(False)
+    state = {}
+    for name, info in meta["tensors"].items():
+        first = reader.optim(0, info["pp_rank"])["state"].get(name)
+        if first is None:
+            continue
+        local = list(info["global_shape"])
+        if info["partition_dim"] >= 0:
+            local[info["partition_dim"]] //= meta["topology"]["tp"]
+        state[name] = {
+            k: (layout.fitted(meta, name, merged_tensor(meta, name, lambda t, p, n=name, k=k:
+                                                        reader.optim(t, p)["state"][n][k],
+                                                        param_shape_local=local))
+                if torch.is_tensor(v) and list(v.shape) == local else v)
+            for k, v in first.items()}
+    groups = [dict(g, params=list(g["params"])) for g in reader.optim(0, 0)["param_groups"]]
+    for p in range(1, meta["topology"]["pp"]):
+        for g, s in zip(groups, reader.optim(0, p)["param_groups"]):
+            g["params"] += [n for n in s["params"] if n not in g["params"]]
+    return _MergedOptimizer(True, state, groups)
+
+
+def _write_shards(tmp: str, iteration: int, meta: dict, reader: "ShardReader", layout: _TargetLayout,
+                  full: dict, optim: _MergedOptimizer, sched_state) -> tuple:
+    """Model, optimizer and state files of every (tp, pp) rank under ``tmp``; returns
+    ``(files, tensors)`` for the metadata: file sizes and each tensor's entry with its new stage."""
+    files, tensors = {}, {}
 
     def save(fname, obj):
         files[fname] = atomic.write_file_synced(os.path.join(tmp, fname), lambda f: torch.save(obj, f))
 
-    for p in range(pp):
-        names = [n for n in full if p in stage_of(n, num_layers, pp)]
-        for r in range(tp):
-            save(model_file(r, p), {"model": {n: cut(n, full[n]) for n in names},
+    for p in range(layout.pp):
+        names = [n for n in full if p in stage_of(n, layout.num_layers, layout.pp)]
+        for r in range(layout.tp):
+            save(model_file(r, p), {"model": {n: layout.cut(meta, n, full[n], r) for n in names},
                                     "iteration": iteration})
-            if carry_optim:
+            if optim.carry:
                 stage_groups = [dict(g, params=[n for n in g["params"] if n in names])
-                                for g in groups]
-                stage_state = {n: {k: cut(n, v) if torch.is_tensor(v) and v.dim() > 0 else v
-                                   for k, v in full_optim[n].items()}
-                               for n in names if n in full_optim}
+                                for g in optim.groups]
+                stage_state = {n: {k: layout.cut(meta, n, v, r) if torch.is_tensor(v) and v.dim() > 0 else v
+                                   for k, v in optim.state[n].items()}
+                               for n in names if n in optim.state}
                 save(optim_file(r, p, 0), {"optimizer": {
                     "kind": "per_parameter", "state": stage_state, "param_groups": stage_groups,
                     "other": reader.optim(0, 0).get("other", {})}})
@@ -252,17 +294,21 @@ def reshard_checkpoint(load_dir: str, save_dir: str, target_tp: int, target_pp: 
         for n in names:
             info = dict(meta["tensors"][n], global_shape=list(full[n].shape))
             tensors.setdefault(n, dict(info, pp_rank=p))
+    return files, tensors
+
+
+def _resharded_metadata(meta: dict, src: str, layout: _TargetLayout, optim: _MergedOptimizer,
+                        files: dict, tensors: dict) -> dict:
+    """The source metadata with the target topology, vocabulary, optimizer kind, files and tensors."""
+    tp, pp = layout.tp, layout.pp
     new_meta = dict(meta, topology={"tp": tp, "pp": pp, "dp": 1, "world": tp * pp},
-                    vocab={"true_size": true_size, "padded_size": rows or meta["vocab"]["padded_size"]},
-                    optimizer={"kind": "per_parameter" if carry_optim else None, "dp_sharded": False},
+                    vocab={"true_size": layout.true_size,
+                           "padded_size": layout.rows or meta["vocab"]["padded_size"]},
+                    optimizer={"kind": "per_parameter" if optim.carry else None, "dp_sharded": False},
                     tensors=tensors, files=files,
                     resharded_from={"path": os.path.abspath(src), "topology": meta["topology"]})
     config = new_meta.get("config")
     if isinstance(config, dict) and isinstance(config.get("parallel"), dict):
         config["parallel"] = dict(config["parallel"], tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp)
-    text = write_metadata_text(new_meta)
-    atomic.write_file_synced(os.path.join(tmp, METADATA_FILE), lambda f: f.write(text.encode()))
-    atomic.commit_directory(tmp, final)
-    atomic.replace_text(os.path.join(save_dir, LATEST_FILE), str(iteration))
-    return final
+    return new_meta
