@@ -67,6 +67,7 @@ def _agree(rank, world):
     return [any_rank(rank == 1), any_rank(False), str(collective_device())]
 
 
+@pytest.mark.slow
 def test_any_rank_on_the_backend_device():
     assert run_distributed(_agree, 2, nccl_like=True) == [[True, False, "cpu"]] * 2
 
