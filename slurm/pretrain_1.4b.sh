@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# A 1.4B LLaMA with ALCoT on Slurm: one task per GPU, ranks from the Slurm environment (no torchrun).
+#   TOKENIZER_MODEL=/path/to/llama-2/tokenizer.model sbatch slurm/pretrain_1.4b.sh [flags]   # from the repo root
+#   DRY_RUN=1 TOKENIZER_MODEL=... bash slurm/pretrain_1.4b.sh [flags]   # print the srun line and the memory plan
+# DP 8 on one node with the distributed optimizer (ZeRO-1), no recompute.
+# Extra flags are appended (the last value wins). Pre-emption, requeue, retention and the
+# environment variables: slurm/_job.sh and docs/launching.md.
+#SBATCH --job-name=alcot-1.4b
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --time=12:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+SCRIPT=${BASH_SOURCE[0]}
+RUN_NAME=alcot_1_4b
+MODEL_ARGS=(
+    --num-layers 24 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 16
+    --seq-length 2048 --max-position-embeddings 2048 --untie-embeddings-and-output-weights
+    --tensor-model-parallel-size 1 --pipeline-model-parallel-size 1
+    --use-distributed-optimizer --zero-stage 1
+    --micro-batch-size 4 --global-batch-size 256
+    --lr 2e-4 --min-lr 2e-5 --lr-decay-style cosine --lr-warmup-fraction 0.02
+    --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --bf16
+    --save-interval 500 --eval-interval 1000 --eval-iters 50 --log-interval 10
+    --max-nan-skips 10 --peak-flops 989
+    --latent-method alcot --latent-max-steps 3
+)
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}" || exit 2
+if [ ! -f slurm/_job.sh ]; then
+    echo "error: $(pwd) is not the repository root: submit with sbatch slurm/pretrain_1.4b.sh from there" >&2
+    exit 2
+fi
+source slurm/_job.sh "$@"
