@@ -143,6 +143,8 @@ def slurm_conf_text(state_dir: str, host: str, hardware: str, ctld_port: int, sl
         "ProctrackType=proctrack/pgid", "TaskPlugin=task/none", "SwitchType=switch/none",
         "MpiDefault=none", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
         "SchedulerType=sched/backfill", "ReturnToService=2",
+        # Scheduling passes every second: a job released by the requeue tests starts at once.
+        "SchedulerParameters=sched_interval=1,bf_interval=1",
         # the node line below may claim 2 CPUs on a 1-CPU machine; slurmd takes it as given
         "SlurmdParameters=config_overrides",
         "JobCompType=jobcomp/none", "AccountingStorageType=accounting_storage/none",
@@ -267,6 +269,13 @@ class LocalSlurm:
             subprocess.run(["scancel", str(job_id)], env=self.env, capture_output=True)
             state = f"still {state or 'unknown'} after {timeout:.0f} s (cancelled)"
         raise AssertionError(f"job {job_id} of {script}: {state}\n{self.logs()}")
+
+    def job_field(self, job_id: int, name: str) -> str:
+        """One ``scontrol show job`` field (``JobState``, ``Restarts``, ``StdOut`` ...); '' if gone."""
+        out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True,
+                             text=True, env=self.env).stdout
+        match = re.search(rf"\b{name}=(\S+)", out)
+        return match.group(1) if match else ""
 
     def job_state(self, job_id: int) -> str:
         out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True,

@@ -3,7 +3,8 @@ ranks in SLURM_PROCID / SLURM_NTASKS / SLURM_JOB_NODELIST; the DP=2 loss curve e
 in-process single-process curve. Also checks the command that ``slurm/pretrain_7b.sh`` builds.
 
 The cluster (munged, slurmctld, slurmd on 127.0.0.1, config under a temp dir via SLURM_CONF) is
-started once per session and shut down in the fixture's finalizer.
+the session fixture ``slurm`` of conftest.py: started once, shut down at the end, and a failure
+(not a skip) when it cannot start.
 """
 import json
 import os
@@ -17,20 +18,8 @@ import pytest
 
 from megatron_alcot.arguments import parse_args
 from megatron_alcot.parallel.launch import expand_nodelist, slurm_master_port
-from system_setup import (PRETRAIN, REPO_ROOT, LocalSlurm, Unavailable, assert_curves_match,
+from system_setup import (PRETRAIN, REPO_ROOT, assert_curves_match,
                           clean_env, output_flags, reference_curve, tiny_argv)
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    cluster = LocalSlurm(str(tmp_path_factory.mktemp("slurm")))
-    try:
-        cluster.start()
-    except Unavailable as exc:
-        cluster.stop()
-        pytest.skip(f"no local Slurm cluster: {exc}")
-    yield cluster
-    cluster.stop()
 
 
 def _job_script(path, out, argv, out_dir, host) -> str:
@@ -63,35 +52,62 @@ def test_srun_two_tasks_match_single_process(slurm, tmp_path):
     assert_curves_match(log, str(tmp_path), reference_curve(argv))
 
 
-# --- slurm/pretrain_7b.sh, run with stand-ins for srun and scontrol -------------------------------
+# --- slurm/pretrain_7b.sh, run with stand-ins for srun, scontrol and squeue ----------------------
 
 _RECORDER = """#!{python}
 import json, os, sys
+tool, argv = os.path.basename(sys.argv[0]), sys.argv[1:]
 with open({log!r}, "a") as f:
-    f.write(json.dumps({{"tool": os.path.basename(sys.argv[0]), "argv": sys.argv[1:],
+    f.write(json.dumps({{"tool": tool, "argv": argv,
                          "env": {{k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT",
                                                               "NCCL_DEBUG", "OMP_NUM_THREADS")}}}}) + "\\n")
-if sys.argv[1:3] == ["show", "hostnames"]:
+if argv[0:2] == ["show", "hostnames"]:
     print(os.environ["TEST_HOSTNAMES"].replace(" ", "\\n"))
+if argv[0:2] == ["show", "job"]:
+    print("   StdOut=" + os.environ["TEST_STDOUT"])
+if tool == "srun":                       # the training's ending, as pretrain_alcot.py records it
+    save = argv[len(argv) - 1 - argv[::-1].index("--save") + 1]
+    if os.environ.get("TEST_EXIT_REASON"):
+        os.makedirs(save, exist_ok=True)
+        with open(os.path.join(save, "last_exit.json"), "w") as f:
+            json.dump({{"reason": os.environ["TEST_EXIT_REASON"], "iteration": 7}}, f)
+        with open(os.path.join(save, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write("7")
+    sys.exit(int(os.environ.get("TEST_SRUN_RC", "0")))
 """
 
 
-def test_sbatch_script_builds_the_intended_srun_command(tmp_path):
+def _run_script(tmp_path, reason, srun_rc, stale_record=False):
     bin_dir, log = tmp_path / "bin", str(tmp_path / "calls.jsonl")
     bin_dir.mkdir()
-    for tool in ("srun", "scontrol"):
+    for tool in ("srun", "scontrol", "squeue"):
         path = bin_dir / tool
         path.write_text(_RECORDER.format(python=sys.executable, log=log))
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    stdout = tmp_path / "job.out"
+    stdout.write_text("iter 3/10 | ...\nRuntimeError: CUDA out of memory on rank 5\nsrun: error: task 5: Exited\n")
+    ckpt = tmp_path / "ckpt"
+    if stale_record:                      # left by an earlier, cleanly pre-empted run
+        ckpt.mkdir()
+        (ckpt / "last_exit.json").write_text('{"reason": "signal", "iteration": 3}')
     env = clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242",
-                    SLURM_JOB_NODELIST="gpu[07-10]", SLURM_SUBMIT_DIR=str(tmp_path),
-                    TOKENIZER_MODEL=str(tmp_path / "tokenizer.model"),
-                    TEST_HOSTNAMES=" ".join(expand_nodelist("gpu[07-10]")))
+                    SLURM_JOB_NODELIST="gpu[07-10]", SLURM_SUBMIT_DIR=REPO_ROOT, SLURM_NTASKS="32",
+                    SLURM_CPUS_PER_TASK="12", TOKENIZER_MODEL=str(tmp_path / "tokenizer.model"),
+                    CKPT_DIR=str(tmp_path / "unused"), PYTHON=sys.executable,
+                    TEST_HOSTNAMES=" ".join(expand_nodelist("gpu[07-10]")), TEST_STDOUT=str(stdout),
+                    TEST_EXIT_REASON=reason or "", TEST_SRUN_RC=str(srun_rc))
     run = subprocess.run(["bash", os.path.join(REPO_ROOT, "slurm", "pretrain_7b.sh"),
-                          "--train-iters", "10"], env=env, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stdout + run.stderr
+                          "--train-iters", "10", "--save", str(ckpt)], env=env,
+                         capture_output=True, text=True, timeout=60)
     with open(log) as f:
         calls = [json.loads(line) for line in f]
+    requeued = any(c["tool"] == "scontrol" and c["argv"][:1] == ["requeue"] for c in calls)
+    return run, calls, requeued
+
+
+def test_sbatch_script_builds_the_intended_srun_command(tmp_path):
+    run, calls, requeued = _run_script(tmp_path, "signal", 0)
+    assert run.returncode == 0, run.stdout + run.stderr
     sruns = [c for c in calls if c["tool"] == "srun"]
     assert len(sruns) == 1, calls
     srun = sruns[0]
@@ -102,13 +118,44 @@ def test_sbatch_script_builds_the_intended_srun_command(tmp_path):
     # One python per task (no torchrun inside srun), running the entry point with parseable flags.
     script_at = srun["argv"].index("pretrain_alcot.py")
     assert all(a.startswith("-") for a in srun["argv"][:script_at - 1]), srun["argv"]
+    assert "--cpus-per-task=12" in srun["argv"][:script_at]
     args = parse_args(srun["argv"][script_at + 1:])
     assert args.train.train_iters == 10                 # extra sbatch arguments reach the trainer
-    assert args.train.exit_signal_handler and args.train.load == args.train.save
+    assert args.train.save == args.train.load or args.train.save == str(tmp_path / "ckpt")
+    assert args.train.exit_signal_handler and args.train.exit_signal == "SIGTERM"
+    assert args.train.keep_last_checkpoints == 3 and args.data.num_workers == 2
     par = args.parallel
+    assert par.use_distributed_optimizer and par.zero_stage == 1
     world = 4 * 8                                        # --nodes=4 × --ntasks-per-node=8
     par.validate(world)
     assert args.train.global_batch_size % (args.train.micro_batch_size
                                            * par.data_parallel_size(world)) == 0
-    # Not finished (no checkpoint): the script requeues its own job.
-    assert any(c["tool"] == "scontrol" and c["argv"][:1] == ["requeue"] for c in calls), calls
+    # A clean pre-emption (last_exit.json says signal, srun exited 0): the job requeues itself.
+    assert requeued, calls
+    assert "requeueing job 4242" in run.stdout
+
+
+@pytest.mark.parametrize("reason, srun_rc, stale", [("finished", 0, False), (None, 1, False),
+                                                    (None, 137, True), (None, 0, False)])
+def test_sbatch_script_requeues_only_after_a_clean_stop(tmp_path, reason, srun_rc, stale):
+    run, calls, requeued = _run_script(tmp_path, reason, srun_rc, stale_record=stale)
+    assert not requeued, calls
+    if reason == "finished":
+        assert run.returncode == 0 and "not requeueing" in run.stdout, run.stdout + run.stderr
+        return
+    # A crash (or an exit without a record, or only a stale one): the job fails and says why.
+    assert run.returncode == (srun_rc or 1), run.stdout + run.stderr
+    assert f"srun exited with status {srun_rc}" in run.stderr
+    assert "RuntimeError: CUDA out of memory on rank 5" in run.stderr, run.stderr
+
+
+def test_dry_run_prints_the_srun_line_for_every_recipe():
+    for name in ("pretrain_410m.sh", "pretrain_1.4b.sh", "pretrain_7b.sh"):
+        env = clean_env(DRY_RUN="1", TOKENIZER_MODEL="tokenizer.model", PYTHON=sys.executable)
+        run = subprocess.run(["bash", os.path.join(REPO_ROOT, "slurm", name), "--train-iters", "7"],
+                             env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+        assert run.returncode == 0, run.stdout + run.stderr
+        line = next(l for l in run.stdout.splitlines() if l.startswith("srun "))
+        argv = shlex.split(line)
+        args = parse_args(argv[argv.index("pretrain_alcot.py") + 1:])
+        assert args.train.train_iters == 7 and args.train.exit_signal_handler
