@@ -133,11 +133,17 @@ def write_doc(args, rows) -> None:
     for label, dtype, mshape, ms in rows:
         lines.append(f"| {label} | {str(dtype).replace('torch.', '')} | {list(mshape)} | "
                      + " | ".join(f"{ms[n]:.2f}" for n in names) + " |")
-    lines += ["", "Ratios to SDPA (infer): " + "; ".join(
+    lines += ["", "Time relative to SDPA's, forward without gradient (> 1 = slower than SDPA): " + "; ".join(
         f"{label} {str(dtype).replace('torch.', '')}: " + ", ".join(
             f"{n.replace('infer ', '')} {ms[n] / ms['infer sdpa']:.2f}x" for n in names
             if n.startswith("infer") and n != "infer sdpa")
         for label, dtype, _, ms in rows) + ".", "",
+        "Reading: FlexAttention's eager CPU path (what `--attention-backend flex` runs on a CPU "
+        "without gradients) took " + _span(rows, "infer flex eager") + " SDPA's time; its compiled "
+        "kernel took " + _span(rows, "infer flex compiled") + " SDPA's time, but pays a compilation "
+        "per lap shape (compacted row counts change from lap to lap) and has no CPU backward either. "
+        f"Load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs "
+        "(a shared machine: single rows are noisy). "
         "What `--attention-backend auto` does with lap masks on CPU: "
         f"fp32 -> `{resolve_backend('auto', torch.zeros(1, 1, 1, 1), 256, lap_mask=True)}`, "
         f"bf16 at <= 256 keys -> `{resolve_backend('auto', torch.zeros(1, 1, 1, 1).bfloat16(), 256, lap_mask=True)}`; "
@@ -147,6 +153,11 @@ def write_doc(args, rows) -> None:
     with atomic_output(args.output, "w") as f:
         f.write("\n".join(lines))
     print(f"-> {args.output}")
+
+
+def _span(rows, name) -> str:
+    ratios = [ms[name] / ms["infer sdpa"] for *_, ms in rows if name in ms]
+    return f"{min(ratios):.2f}x to {max(ratios):.2f}x" if ratios else "n/a"
 
 
 def _cpu_name() -> str:

@@ -330,6 +330,8 @@ def main(argv=None) -> int:
             errors[name] = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:400]
             traceback.print_exc()
         print(f"[{name}] {time.time() - t0:.1f} s", flush=True)
+        # The page after every stage: a run stopped by its time limit still leaves what it measured.
+        write_page(args.output, device, args, results, errors, started)
 
     if "equivalence" in stages:
         eq = results.setdefault("equivalence", {})

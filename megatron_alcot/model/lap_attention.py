@@ -97,7 +97,9 @@ def _kernel(device_type: str):
     if device_type == "cpu":
         return flex_attention
     if device_type not in _COMPILED:
-        _COMPILED[device_type] = torch.compile(flex_attention, dynamic=False)
+        # Default dynamism: the compacted row count changes from lap to lap, so after the first
+        # change the kernel is recompiled once with that dimension dynamic, not once per count.
+        _COMPILED[device_type] = torch.compile(flex_attention)
     return _COMPILED[device_type]
 
 

@@ -16,6 +16,12 @@ The optimizer is always the client AdamW with the base optimizer's decay/no-deca
 ``"optimizer"`` section would select DeepSpeed's compiled Adam (a JIT build per machine) and is
 rejected.
 
+bf16: DeepSpeed casts every parameter to bf16, the ALCoT routers included (its flat ZeRO buffers
+hold one dtype), at every ZeRO stage; the fp32 master copies live in its optimizer. The routers
+are still evaluated in fp32 (``model/router.py`` upcasts the stored weights with autocast off),
+but from bf16-rounded weights: g at initialisation is sigmoid(bf16(logit 0.9)) = 0.9005, not 0.9.
+Our own ``--bf16`` (fp32 parameters, bf16 autocast) keeps the routers' weights in fp32.
+
 Supported here: ZeRO stage 0-3 (with this project's model, stage 3 goes through
 :class:`Zero3Root`, and the engine returns the output as an :class:`OutputDict`), fp32 or bf16,
 CPU offload of ZeRO-2/3 optimizer state (a DeepSpeed ``cpu_adam`` build on first use), with
