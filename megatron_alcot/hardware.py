@@ -26,6 +26,8 @@ decide.
 Cache: ``$MEGATRON_ALCOT_CACHE_DIR`` or ``~/.cache/megatron_alcot``, one small JSON per machine
 (CPU model + flags), torch version and ISA limits (``ATEN_CPU_CAPABILITY``,
 ``ONEDNN_MAX_CPU_ISA``), written atomically; the first writer wins, so concurrent processes agree.
+Each measurement records the load per core; one taken on a busy machine (load > 1 per core) is
+timed again by the first process that finds the machine quiet.
 
 Override with ``MEGATRON_ALCOT_PROBE``, comma-separated items:
 
