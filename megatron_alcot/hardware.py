@@ -395,6 +395,10 @@ def share_from_rank0(device: Optional[torch.device] = None) -> Machine:
 
 
 # ----------------------------------------------------------------------------- decisions
+def _x(ratio: float) -> str:
+    return f"{ratio:.2f}x" if ratio >= 0.1 else f"{ratio:.2g}x"
+
+
 def _why(measured: str, m: Machine) -> str:
     return f"{measured}, margin {MARGIN}x; {m.describe()}; {m.source}"
 
@@ -410,7 +414,7 @@ def low_precision_fast(dtype: torch.dtype) -> Tuple[bool, str]:
     m = machine()
     key = "bf16" if dtype == torch.bfloat16 else "fp16"
     speedup = m.bf16_speedup if key == "bf16" else m.fp16_speedup
-    return m.low_precision_faster(key), f"{key} matmul {speedup:.2f}x fp32's speed"
+    return m.low_precision_faster(key), f"{key} matmul {_x(speedup)} fp32's speed"
 
 
 def precision_choice(device="cpu") -> Decision:
@@ -430,7 +434,7 @@ def gemm_choice() -> Decision:
     """``onednn`` or ``torch`` for plain fp32 CPU GEMMs (``--cpu-gemm-backend auto``)."""
     from megatron_alcot.parallel.tensor_parallel import gemm
     m = machine()
-    measured = (f"oneDNN fp32 GEMM {m.onednn_speedup:.2f}x torch's speed" if m.onednn_speedup
+    measured = (f"oneDNN fp32 GEMM {_x(m.onednn_speedup)} torch's speed" if m.onednn_speedup
                 else "oneDNN unusable in this torch build")
     reason = _forced(m, "gemm", measured) or _why(measured, m)
     if m.onednn_faster() and not gemm.onednn_available():
@@ -443,7 +447,7 @@ def attention_choice(dtype: torch.dtype) -> Decision:
     m = machine()
     low = dtype in (torch.bfloat16, torch.float16)
     speedup = m.unfused_speedup_bf16 if low else m.unfused_speedup_fp32
-    measured = f"unfused attention {speedup:.2f}x SDPA's speed in {'bf16' if low else 'fp32'}"
+    measured = f"unfused attention {_x(speedup)} SDPA's speed in {'bf16' if low else 'fp32'}"
     reason = _forced(m, "attention", measured) or _why(measured, m)
     return Decision("unfused" if m.unfused_faster(low) else "sdpa", reason)
 
