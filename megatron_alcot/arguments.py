@@ -250,9 +250,33 @@ def _field_notes(cls) -> dict:
     return notes
 
 
-def _help(section: Optional[str], name: str, kwargs: dict, notes: dict) -> str:
+# Megatron flags with no config of their own: what each one means here. Flags not listed are
+# checked in _apply_compat (an error naming the flag, or the config they set).
+_COMPAT_HELP = {
+    "--swiglu": "always on here (SwiGLU MLP)", "--disable-bias-linear": "always on here (no biases)",
+    "--use-rotary-position-embeddings": "always on here (RoPE)",
+    "--no-position-embedding": "always on here (no learned position table)",
+    "--attention-softmax-in-fp32": "always on here (softmax in fp32)",
+    "--no-masked-softmax-fusion": "always holds here (no fused masked softmax kernel)",
+    "--no-bias-swiglu-fusion": "always holds here (no fused bias-SwiGLU kernel)",
+    "--no-bias-dropout-fusion": "always holds here (no fused bias-dropout kernel)",
+    "--no-gradient-accumulation-fusion": "always holds here (no fused weight-gradient kernel)",
+    "--log-throughput": "always on here (tokens/s, TFLOP/s and MFU in every log line)",
+    "--use-flash-attn": "the fastest attention core: same as --attention-backend auto",
+    "--use-mcore-models": "not supported: an error (the model is this project's own)",
+    "--transformer-impl": "only local; transformer_engine is an error",
+    "--ckpt-format": "only torch (this project's sharded format); anything else is an error",
+    "--normalization": "only RMSNorm; anything else is an error",
+    "--position-embedding-type": "only rope; anything else is an error",
+    "--group-query-attention": "needs --num-query-groups N, which sets the groups",
+    "--lr-decay-samples": "converted to --lr-decay-iters (needs --train-samples, --global-batch-size)",
+    "--lr-warmup-samples": "converted to --lr-warmup-iters (needs --train-samples, --global-batch-size)",
+}
+
+
+def _help(section: Optional[str], name: str, kwargs: dict, notes: dict, flag: str = "") -> str:
     if section is None:
-        return "accepted for Megatron-LM scripts; the feature is always on here"
+        return "Megatron-LM flag: " + _COMPAT_HELP.get(flag, "accepted for Megatron-LM scripts")
     default, comment = notes.get(section, {}).get(name, (None, ""))
     if kwargs.get("action") in ("store_true", "store_false"):
         return (comment or name.replace("_", " ")).replace("%", "%%")
@@ -268,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, section, name, kwargs in _specs():
         kwargs = dict(kwargs)
         dest = f"{section}__{name}" if section else f"compat__{name}"
-        kwargs.setdefault("help", _help(section, name, kwargs, notes))
+        kwargs.setdefault("help", _help(section, name, kwargs, notes, flag))
         if "action" not in kwargs and "choices" not in kwargs and "metavar" not in kwargs:
             kwargs["metavar"] = _METAVARS.get(kwargs.get("type"), "VALUE")
         kwargs.setdefault("default", None)
@@ -302,9 +326,24 @@ def _apply_compat(args: Arguments) -> None:
     if c["position_embedding_type"] != "rope":
         raise ConfigError(f"--position-embedding-type {c['position_embedding_type']}: only rope "
                           "(LLaMA) is implemented")
-    if c["ckpt_format"] not in ("torch", "torch_dist"):
-        raise ConfigError(f"--ckpt-format {c['ckpt_format']}: checkpoints use this project's "
-                          "sharded torch format; omit the flag")
+    if c["ckpt_format"] != "torch":
+        raise ConfigError(f"--ckpt-format {c['ckpt_format']}: checkpoints are written in this "
+                          "project's sharded torch format only (resharded across TP/PP on load); "
+                          "use --ckpt-format torch or omit the flag")
+    if c["use_mcore"]:
+        raise ConfigError("--use-mcore-models: the model is this project's own implementation "
+                          "(megatron_alcot.model), not Megatron-Core's; drop the flag")
+    if c["transformer_impl"] != "local":
+        raise ConfigError(f"--transformer-impl {c['transformer_impl']}: Transformer Engine is not "
+                          "used; the layers are this project's own (--transformer-impl local, or "
+                          "omit the flag)")
+    if c["use_flash_attn"]:
+        if args.model.attention_backend != "auto":
+            raise ConfigError(f"--use-flash-attn asks for the fastest attention core, which is "
+                              f"--attention-backend auto; it contradicts --attention-backend "
+                              f"{args.model.attention_backend}: drop one of the two")
+        print("--use-flash-attn: attention core --attention-backend auto (the fastest one "
+              "measured on this machine)", file=sys.stderr)
     if c["group_query_attention"] and args.model.num_query_groups is None:
         raise ConfigError("--group-query-attention needs --num-query-groups N")
     t, o = args.train, args.optim
