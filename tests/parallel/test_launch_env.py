@@ -77,8 +77,8 @@ def test_sbatch_script_dry_run_and_tokenizer_check():
     run = _script({"DRY_RUN": "1", "TOKENIZER_MODEL": "/models/llama-2/tokenizer.model"},
                   "--train-iters", "10")
     assert run.returncode == 0, run.stderr
-    argv = run.stdout.splitlines()[-1].split()
-    assert argv[:3] == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=none"]
+    argv = next(l for l in run.stdout.splitlines() if l.startswith("srun ")).split()
+    assert argv[:4] == ["srun", "--kill-on-bad-exit=1", "--cpu-bind=none", "--cpus-per-task=12"]
     args = parse_args(argv[argv.index("pretrain_alcot.py") + 1:])
     assert args.train.train_iters == 10
     assert (args.data.tokenizer_type, args.data.tokenizer_model) == \
