@@ -1,0 +1,459 @@
+"""Per-rank memory plan of a training run, before any compute.
+
+    args = parse_args(pretrain_flags)
+    plan = plan_memory(args, world_size=32, budget_gib=80.0)
+    print(format_plan(plan)); plan.fits, plan.peak_bytes, plan.to_json()
+
+What it counts, per pipeline stage (every tensor-parallel rank of a stage holds the same shapes):
+
+* **parameters**: the stage is built on the ``meta`` device with this rank's tensor-parallel shard
+  (``build_pipeline_stage``), so the counts are the model's own, not a formula;
+* **gradients** and **optimizer state** by ZeRO stage: plain DDP (0), ``--use-distributed-optimizer``
+  with ``--zero-stage`` 1 or 2, or the stage of ``--deepspeed-config`` (1, 2, 3);
+* **activations** of one micro-batch, lap by lap, by a per-layer formula under the chosen
+  ``--recompute-granularity`` (every token assumed to take every lap: the upper bound), the keys and
+  values of earlier laps that later laps attend to, and the fused LM-head/loss buffers;
+* **micro-batches in flight** on the stage under the pipeline schedule
+  (:func:`max_in_flight_microbatches`);
+* **communication buffers**: gradient buckets, pipeline send/receive payloads;
+* a fixed **runtime reserve** for the CUDA context, library workspaces and NCCL buffers.
+
+Fragmentation of the caching allocator is not modelled: it is what the headroom is for.
+The per-layer activation formula is checked against measured peaks of small CPU runs by
+``bench/bench_memory_plan.py`` (docs/bench_memory_plan.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass, field, replace
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from megatron_alcot.config import ConfigError, DataConfig
+
+GIB = float(2 ** 30)
+ZERO2_BUCKET_MB = 25.0      # gradient bucket of the bucketed ZeRO-2 reduce-scatter (--ddp-bucket-size-mb)
+
+
+# --- pipeline ------------------------------------------------------------------------------------
+def max_in_flight_microbatches(pipeline_size: int, stage: int, num_microbatches: int,
+                               limit: Optional[int] = None, order: str = "1f1b") -> int:
+    """Micro-batches whose activations stage ``stage`` holds at once.
+
+        >>> max_in_flight_microbatches(4, 0, 32), max_in_flight_microbatches(4, 3, 32)
+        (4, 1)
+        >>> max_in_flight_microbatches(4, 0, 32, order="gpipe")
+        32
+
+    1F1B: ``min(m, P - stage)``; GPipe order: ``m``; ``limit`` caps either.
+    """
+    if order not in ("1f1b", "gpipe"):
+        raise ValueError(f"order must be '1f1b' or 'gpipe', got {order!r}")
+    held = num_microbatches if order == "gpipe" or pipeline_size == 1 else \
+        min(num_microbatches, pipeline_size - stage)
+    if pipeline_size == 1:
+        held = 1           # one micro-batch's forward and backward, then the next
+    return max(1, min(held, limit) if limit else held)
+
+
+# --- parameter counts from the model itself -----------------------------------------------------
+@dataclass(frozen=True)
+class StageParams:
+    """Parameter elements of one pipeline stage on one tensor-parallel rank."""
+
+    pp_rank: int
+    layer_range: Tuple[int, int]
+    numel: int                  # every parameter of the stage
+    matmul_numel: int           # 2-D weights (cast to bf16/fp16 under autocast)
+    largest_layer_numel: int    # one transformer layer (DeepSpeed ZeRO-3 gathers one at a time)
+    vocab_numel: int            # embedding + LM head weights on this stage
+    param_bytes: int            # bytes per parameter element
+
+
+@contextlib.contextmanager
+def _tensor_parallel_rank(tp: int, tp_rank: int) -> Iterator[None]:
+    """The process-group registry as a TP rank would see it, with no communicator (meta builds)."""
+    from megatron_alcot.parallel import state
+    reg = state._REGISTRY
+    if reg.initialized:
+        raise RuntimeError("plan the memory outside a training process (model-parallel groups exist)")
+    saved = replace(reg)
+    reg.initialized, reg.tp_size = True, tp
+    reg.tp_ranks = [0 if i == tp_rank else -1 - i for i in range(tp)]
+    try:
+        yield
+    finally:
+        for name in ("initialized", "tp_size", "tp_ranks"):
+            setattr(reg, name, getattr(saved, name))
+
+
+def stage_parameters(model_cfg, parallel_cfg) -> List[StageParams]:
+    """Build every pipeline stage on the ``meta`` device (TP rank 0; the other TP ranks are checked
+    to hold the same shapes) and count its parameters.
+
+        >>> [s.numel for s in stage_parameters(cfg, ParallelConfig(pipeline_model_parallel_size=2))]
+    """
+    from megatron_alcot.parallel.pipeline.build import build_pipeline_stage, layer_ranges
+    tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
+    ranges = layer_ranges(model_cfg.num_layers, pp, parallel_cfg.pipeline_layer_split)
+    out = []
+    for rank in range(pp):
+        shapes = None
+        for tp_rank in range(tp):
+            with _tensor_parallel_rank(tp, tp_rank), torch.device("meta"):
+                stage = build_pipeline_stage(model_cfg, parallel_cfg, pipeline_rank=rank, pipeline_size=pp)
+            these = [(n, tuple(p.shape), p.dtype) for n, p in stage.named_parameters()]
+            if shapes is not None and these != shapes:
+                raise RuntimeError(f"TP rank {tp_rank} of stage {rank} holds other shapes than TP rank 0")
+            shapes = these
+        layers = list(stage.decoder.layers.values())
+        numel = sum(p.numel() for p in stage.parameters())
+        matmul = sum(p.numel() for p in stage.parameters() if p.dim() == 2)
+        vocab = sum(p.numel() for n, p in stage.named_parameters()
+                    if n in ("embedding.word_embeddings.weight", "output_layer.weight"))
+        largest = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+        dtype_bytes = {p.element_size() for p in stage.parameters()}
+        out.append(StageParams(rank, ranges[rank], numel, matmul, largest, vocab, max(dtype_bytes)))
+    return out
+
+
+# --- activations ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ActivationBytes:
+    """One micro-batch on one stage (bytes)."""
+
+    layers: int                 # saved for backward inside the transformer layers, every lap
+    kv_earlier_laps: int        # keys/values of earlier laps that later laps attend to
+    lap_boundaries: int         # lap inputs/outputs, final norm, readout, router (outside layers)
+    lm_head: int                # fused LM-head + loss buffers (last stage)
+    recompute_working: int      # one layer recomputed during backward (recompute only)
+    per_lap_layers: Tuple[int, ...] = ()
+
+    @property
+    def held(self) -> int:
+        """What one in-flight micro-batch keeps until its backward."""
+        return self.layers + self.kv_earlier_laps + self.lap_boundaries + self.lm_head
+
+
+def _layer_row_elems(h: int, q: int, kv: int, f: int, granularity: Optional[str]):
+    """(residual-dtype elements, compute-dtype elements) one layer keeps per token row in one lap.
+
+    q = heads·d/tp, kv = groups·d/tp, f = ffn/tp. Without recompute: the layer input and the
+    mid-layer residual with each RMSNorm's normalised input, both norm outputs (matmul inputs),
+    the fused QKV output (its V slice is the lap's value block, which later laps read), rotated Q
+    and K, the attention output (projection input), the MLP's fused gate/up output, SiLU output
+    and product. Full recompute keeps the layer input and this lap's K and QKV block (later laps
+    attend to them); selective recompute drops what the attention core keeps."""
+    if granularity == "full":
+        return h, q + 3 * kv
+    if granularity == "selective":
+        return 4 * h, 2 * h + q + 3 * kv + 4 * f
+    return 4 * h, 2 * h + (q + 2 * kv) + 2 * q + kv + 4 * f
+
+
+def _attention_extra_row_elems(kv: int, seq: int, lap: int) -> int:
+    """Compute-dtype elements per row the attention core keeps in lap ``lap`` >= 1 beyond its
+    own lap: the concatenated keys and values of laps 0..lap, and the additive mask
+    ``[b, 1, s, (lap+1)·s]`` the boolean 2-D lap mask becomes."""
+    return 2 * (lap + 1) * kv + (lap + 1) * seq if lap >= 1 else 0
+
+
+def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int, recompute: Optional[str],
+                     compute_bytes: int, residual_bytes: int = 4, post_process: bool = False,
+                     pre_process: bool = False, laps: Optional[int] = None) -> ActivationBytes:
+    """Activation bytes of one micro-batch on ``stage``, every token taking every lap.
+
+        >>> activation_bytes(cfg, stage, tp=2, micro_batch=1, recompute="full", compute_bytes=2).held
+    """
+    cfg = model_cfg
+    laps = cfg.num_latent_steps + 1 if laps is None else laps
+    s = cfg.seq_length
+    n = micro_batch * s
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv, f = cfg.num_attention_heads * d // tp, cfg.query_groups * d // tp, cfg.ffn_size // tp
+    layers = stage.layer_range[1] - stage.layer_range[0]
+    r_el, c_el = _layer_row_elems(h, q, kv, f, recompute)
+    scalars = n * (2 * 4 + 4 * q // d)                          # RMSNorm rstd, attention log-sum-exp
+    per_layer = n * (r_el * residual_bytes + c_el * compute_bytes) + (0 if recompute else scalars)
+    per_lap = [layers * per_layer for _ in range(laps)]
+    # Lap k >= 1 attends to the keys/values of laps 0..k (saved by the attention core); under
+    # recompute the attention is rebuilt in the backward, so only the working set below holds them.
+    kv_cat = 0 if recompute else \
+        sum(n * _attention_extra_row_elems(kv, s, k) * compute_bytes for k in range(1, laps)) * layers
+    boundary = laps * 3 * n * h * residual_bytes               # lap input, final norm, readout term
+    boundary += (int(pre_process) + int(post_process)) * n * h * residual_bytes   # embedding; readout sum
+    lm_head = 0
+    if post_process:
+        vocab_local = cfg.padded_vocab_size(tp) // tp
+        chunk = min(n, max(32, (1 << 20) // vocab_local))
+        # Gradients of hidden and of the LM-head weight are formed in the forward (fp32), plus
+        # a chunk of logits and of probabilities.
+        lm_head = 4 * (n * h + vocab_local * h + 2 * chunk * vocab_local)
+    working = 0
+    if recompute is not None:      # the widest (last) lap of one layer (full) or its attention (selective)
+        r_full, c_full = _layer_row_elems(h, q, kv, f, None)
+        if recompute == "selective":
+            r_full, c_full = 0, 3 * q + 3 * kv
+        working = n * (r_full * residual_bytes + c_full * compute_bytes) + scalars + \
+            n * _attention_extra_row_elems(kv, s, laps - 1) * compute_bytes
+    return ActivationBytes(sum(per_lap), kv_cat, boundary, lm_head, working, tuple(per_lap))
+
+
+# --- the plan ------------------------------------------------------------------------------------
+@dataclass
+class PlanRow:
+    name: str
+    bytes: List[int]            # one value per pipeline stage
+    note: str = ""
+
+
+@dataclass
+class MemoryPlan:
+    """Per-rank bytes of each pipeline stage; ``peak_bytes`` is the largest stage's total."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int             # 0 plain DDP, 1/2 distributed optimizer, 1/2/3 DeepSpeed
+    zero_engine: str            # "ddp" | "distributed-optimizer" | "deepspeed"
+    recompute: str
+    num_microbatches: int
+    in_flight: List[int]
+    rows: List[PlanRow]
+    totals: List[int]
+    budget_bytes: Optional[int]
+    stage_params: List[StageParams] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.totals)
+
+    @property
+    def headroom(self) -> Optional[float]:
+        """Fraction of the budget left at the peak (negative: does not fit)."""
+        if not self.budget_bytes:
+            return None
+        return 1.0 - self.peak_bytes / self.budget_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_bytes is None or self.peak_bytes <= self.budget_bytes
+
+    def row(self, name: str) -> PlanRow:
+        return next(r for r in self.rows if r.name == name)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "world_size": self.world_size, "tp": self.tp, "pp": self.pp, "dp": self.dp,
+            "zero_stage": self.zero_stage, "zero_engine": self.zero_engine, "recompute": self.recompute,
+            "num_microbatches": self.num_microbatches, "in_flight": self.in_flight,
+            "stage_params": [s.numel for s in self.stage_params],
+            "rows": {r.name: r.bytes for r in self.rows}, "totals": self.totals,
+            "peak_bytes": self.peak_bytes, "peak_gib": round(self.peak_bytes / GIB, 3),
+            "budget_gib": None if self.budget_bytes is None else round(self.budget_bytes / GIB, 3),
+            "headroom_pct": None if self.headroom is None else round(100 * self.headroom, 2),
+            "fits": self.fits}, sort_keys=False)
+
+
+def _deepspeed_zero(path: str) -> Tuple[int, float]:
+    """(ZeRO stage, reduce bucket elements) of a DeepSpeed JSON config."""
+    try:
+        with open(path) as fh:
+            config = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--deepspeed-config {path}: cannot read it as JSON ({exc})") from exc
+    zero = config.get("zero_optimization") or {}
+    return int(zero.get("stage", 0)), float(zero.get("reduce_bucket_size", 5e8))
+
+
+def _plan_vocab(args, vocab_size: Optional[int]) -> int:
+    d = args.data
+    if d.tokenizer_type == "NullTokenizer":
+        if not d.vocab_size:
+            raise ConfigError("--tokenizer-type NullTokenizer needs --vocab-size N")
+        return int(d.vocab_size)
+    if vocab_size:
+        return int(vocab_size)
+    if d.tokenizer_model and os.path.exists(d.tokenizer_model):
+        from megatron_alcot.data.tokenizers import build_tokenizer
+        return build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model).vocab_size
+    raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: not readable here, so the vocabulary size is "
+                      "unknown; give the plan --plan-vocab-size N (e.g. 32000 for the LLaMA-2 tokenizer)")
+
+
+def validate_for_plan(args, world_size: int, vocab_size: Optional[int] = None) -> None:
+    """``validate_args`` on every part of the run except the data files and the tokenizer file, which
+    a plan made on a login node may not see. Sets ``args.model.vocab_size``. Raises ConfigError."""
+    from megatron_alcot.arguments import validate_args
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1, got {world_size}")
+    args.model.vocab_size = _plan_vocab(args, vocab_size)
+    data = args.data
+    args.data = DataConfig(mock_data=True, tokenizer_type="NullTokenizer", vocab_size=args.model.vocab_size)
+    try:
+        validate_args(args, world_size)
+    finally:
+        args.data = data
+
+
+def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, reserve_gib: float = 0.0,
+                schedule: str = "1f1b", max_in_flight: Optional[int] = None,
+                zero2_bucketed: bool = True) -> MemoryPlan:
+    """The per-rank plan of a validated configuration (see :func:`validate_for_plan`).
+
+    ``reserve_gib``: fixed runtime reserve (CUDA context, workspaces, NCCL). ``schedule``: pipeline
+    order ("1f1b" or "gpipe"). ``zero2_bucketed``: ZeRO-2 reduce-scatters gradient buckets as the
+    backward produces them, so at most 1/DP of the gradients plus one bucket is held; False plans a
+    full-size gradient buffer through the backward.
+    """
+    m, par, t = args.model, args.parallel, args.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = par.data_parallel_size(world_size)
+    num_micro = t.num_micro_batches(dp)
+    stages = stage_parameters(m, par)
+    low_precision = bool(t.bf16 or t.fp16)
+    compute_bytes = 2 if low_precision else 4
+    recompute = t.recompute_granularity
+    if recompute == "full" and t.recompute_method == "block" and t.recompute_num_layers:
+        recompute_note = f"full, first {t.recompute_num_layers} layers of each stage"
+    else:
+        recompute_note = recompute or "none"
+
+    if par.deepspeed_config:
+        engine = "deepspeed"
+        zero, ds_bucket = _deepspeed_zero(par.deepspeed_config)
+    elif par.use_distributed_optimizer:
+        engine, zero, ds_bucket = "distributed-optimizer", par.zero_stage, 0.0
+    else:
+        engine, zero, ds_bucket = "ddp", 0, 0.0
+
+    names = ["parameters", "autocast weight copies", "gradients", "optimizer state",
+             "activations: layers (all laps)", "activations: KV of earlier laps",
+             "activations: lap boundaries", "activations: LM head + loss",
+             "micro-batches in flight", "activations held (× in flight)", "recompute working set",
+             "communication buffers", "runtime reserve"]
+    values: Dict[str, List[int]] = {n: [] for n in names}
+    in_flight_all, totals, notes = [], [], []
+    # One plain replica keeps autograd's own gradients, freed between steps (training/ddp.py).
+    lazy_grads = engine == "ddp" and dp == 1 and not par.sequence_parallel
+    bucket_bytes = int(t.ddp_bucket_size_mb * 2 ** 20)
+    for s in stages:
+        pre, post = s.pp_rank == 0, s.pp_rank == pp - 1
+        numel, pb = s.numel, s.param_bytes
+        shard = -(-numel // dp)
+        params = numel * pb
+        if engine == "deepspeed" and zero == 3:
+            params = shard * pb + s.largest_layer_numel * (2 if low_precision else pb)
+        if zero >= 1 and engine == "distributed-optimizer":
+            params = shard * dp * pb                     # the flat buffer, padded to a multiple of DP
+        # fp32 master weights are the parameters themselves (fp32 storage); Adam keeps two moments.
+        if zero == 0:
+            grads, opt = numel * 4, numel * 8
+        elif zero == 1:
+            grads, opt = shard * dp * 4, shard * 8
+        else:
+            if engine == "deepspeed" or zero2_bucketed:
+                bucket = int(ds_bucket) * 4 if engine == "deepspeed" else bucket_bytes
+                grads = min(shard * dp * 4, shard * 4 + bucket)
+            else:
+                grads = shard * dp * 4 + shard * 4      # full buffer in the backward, then the kept shard
+            opt = shard * 8
+        in_flight = max_in_flight_microbatches(pp, s.pp_rank, num_micro, max_in_flight, schedule)
+        act = activation_bytes(m, s, tp=tp, micro_batch=t.micro_batch_size, recompute=recompute,
+                               compute_bytes=compute_bytes, pre_process=pre, post_process=post)
+        copies = 0
+        if low_precision:
+            # One cast of each matmul weight per autocast region; kept by the graph without recompute.
+            copies = s.matmul_numel * 2 * (1 if recompute == "full" else in_flight)
+        comm = 0
+        if pp > 1:       # a lap's hidden state received and one sent, in the activation dtype
+            comm += 2 * t.micro_batch_size * m.seq_length * m.hidden_size * compute_bytes
+        vals = {
+            "parameters": params, "autocast weight copies": copies, "gradients": grads,
+            "optimizer state": opt, "activations: layers (all laps)": act.layers,
+            "activations: KV of earlier laps": act.kv_earlier_laps,
+            "activations: lap boundaries": act.lap_boundaries, "activations: LM head + loss": act.lm_head,
+            "micro-batches in flight": in_flight, "activations held (× in flight)": act.held * in_flight,
+            "recompute working set": act.recompute_working, "communication buffers": comm,
+            "runtime reserve": int(reserve_gib * GIB)}
+        for n in names:
+            values[n].append(int(vals[n]))
+        in_flight_all.append(in_flight)
+        activations = vals["activations held (× in flight)"] + vals["recompute working set"]
+        if lazy_grads and num_micro == 1:
+            # Gradients appear as the backward frees the activations: the larger of the two peaks.
+            transient = max(grads, activations)
+        else:
+            transient = grads + activations
+        totals.append(params + copies + opt + transient + comm + vals["runtime reserve"])
+    if zero == 2 and engine == "distributed-optimizer":
+        notes.append("gradients under ZeRO-2: " + ("1/DP shard + one bucket (bucketed reduce-scatter "
+                     "during the backward)" if zero2_bucketed else "full buffer through the backward"))
+    if lazy_grads and num_micro == 1:
+        notes.append("one plain replica, one micro-batch: gradients are allocated as the backward frees "
+                     "activations, so the total counts the larger of the two")
+    notes.append("activations assume every token takes every lap (the most the run can hold)")
+    rows = [PlanRow(n, values[n]) for n in names]
+    return MemoryPlan(world_size, tp, pp, dp, zero, engine, recompute_note, num_micro, in_flight_all,
+                      rows, totals, None if budget_gib is None else int(budget_gib * GIB), stages, notes)
+
+
+# --- printing ------------------------------------------------------------------------------------
+_COUNT_ROWS = ("micro-batches in flight",)
+_DETAIL_ROWS = ("activations: layers (all laps)", "activations: KV of earlier laps",
+                "activations: lap boundaries", "activations: LM head + loss")
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.3f}"
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The per-rank table (GiB), one column per pipeline stage, then the verdict."""
+    heads = [f"stage {s.pp_rank} (layers {s.layer_range[0]}-{s.layer_range[1] - 1})"
+             for s in plan.stage_params]
+    width = max(len(r.name) for r in plan.rows) + 4
+    lines = [f"memory plan per rank: world {plan.world_size} = TP {plan.tp} × PP {plan.pp} × DP {plan.dp}; "
+             f"{plan.zero_engine} ZeRO-{plan.zero_stage}; recompute {plan.recompute}; "
+             f"{plan.num_microbatches} micro-batches per step",
+             "parameters per rank: " + ", ".join(f"stage {s.pp_rank}: {s.numel:,}" for s in plan.stage_params),
+             "",
+             "| " + "component (GiB)".ljust(width) + " | " + " | ".join(heads) + " |",
+             "|" + "-" * (width + 2) + "|" + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
+    for r in plan.rows:
+        name = ("  " + r.name) if r.name in _DETAIL_ROWS else r.name
+        cells = [str(v) if r.name in _COUNT_ROWS else _gib(v) for v in r.bytes]
+        lines.append("| " + name.ljust(width) + " | " +
+                     " | ".join(c.rjust(len(h)) for c, h in zip(cells, heads)) + " |")
+    lines.append("| " + "total".ljust(width) + " | " +
+                 " | ".join(_gib(v).rjust(len(h)) for v, h in zip(plan.totals, heads)) + " |")
+    lines.append("")
+    if plan.budget_bytes is not None:
+        verdict = "fits" if plan.fits else "DOES NOT FIT"
+        lines.append(f"peak {_gib(plan.peak_bytes)} GiB of {_gib(plan.budget_bytes)} GiB: {verdict}, "
+                     f"headroom {100 * plan.headroom:.1f} %")
+    else:
+        lines.append(f"peak {_gib(plan.peak_bytes)} GiB (no --gpu-memory-gb budget given)")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def world_size_from_slurm(env=None) -> Optional[int]:
+    """``SLURM_NTASKS``, else ``SLURM_NNODES × SLURM_NTASKS_PER_NODE`` (as sbatch sets them); None if unset."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_NTASKS"):
+        return int(env["SLURM_NTASKS"])
+    nodes, per_node = env.get("SLURM_NNODES"), env.get("SLURM_NTASKS_PER_NODE")
+    if nodes and per_node:
+        return int(nodes) * int(per_node.split("(")[0])
+    return None
+
+
+__all__ = ["ActivationBytes", "MemoryPlan", "PlanRow", "StageParams", "activation_bytes", "format_plan",
+           "max_in_flight_microbatches", "plan_memory", "stage_parameters", "validate_for_plan",
+           "world_size_from_slurm", "GIB"]
