@@ -154,17 +154,26 @@ def _layer_row_elems(h: int, q: int, kv: int, f: int, granularity: Optional[str]
     return 4 * h, 2 * h + (q + 2 * kv) + 2 * q + kv + 4 * f
 
 
-def _attention_extra_row_elems(kv: int, seq: int, lap: int) -> int:
+def _attention_extra_row_elems(kv: int, seq: int, lap: int, dense_mask: bool) -> int:
     """Compute-dtype elements per row the attention core keeps in lap ``lap`` >= 1 beyond its
-    own lap: the concatenated keys and values of laps 0..lap, and the additive mask
-    ``[b, 1, s, (lap+1)·s]`` the boolean 2-D lap mask becomes."""
-    return 2 * (lap + 1) * kv + (lap + 1) * seq if lap >= 1 else 0
+    own lap: the concatenated keys and values of laps 0..lap and, with a dense-mask core (sdpa),
+    the additive mask ``[b, 1, s, (lap+1)·s]`` the boolean 2-D lap mask becomes (FlexAttention
+    keeps only its block mask)."""
+    if lap < 1:
+        return 0
+    return 2 * (lap + 1) * kv + ((lap + 1) * seq if dense_mask else 0)
 
 
 def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int, recompute: Optional[str],
                      compute_bytes: int, residual_bytes: int = 4, post_process: bool = False,
-                     pre_process: bool = False, laps: Optional[int] = None) -> ActivationBytes:
+                     pre_process: bool = False, laps: Optional[int] = None,
+                     dense_mask: bool = True, recomputed_layers: Optional[int] = None,
+                     pipelined: bool = False) -> ActivationBytes:
     """Activation bytes of one micro-batch on ``stage``, every token taking every lap.
+    ``recomputed_layers``: how many of the stage's layers ``recompute`` applies to (``--recompute-method
+    block --recompute-num-layers N``: the first N); None: all of them. ``pipelined``: the stage runs
+    under the lap pipeline (PP > 1), where each lap is its own graph and the keys/values of earlier
+    laps enter later laps as leaves whose gradients accumulate through the backward.
 
         >>> activation_bytes(cfg, stage, tp=2, micro_batch=1, recompute="full", compute_bytes=2).held
     """
@@ -175,16 +184,23 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv, f = cfg.num_attention_heads * d // tp, cfg.query_groups * d // tp, cfg.ffn_size // tp
     layers = stage.layer_range[1] - stage.layer_range[0]
-    r_el, c_el = _layer_row_elems(h, q, kv, f, recompute)
+    wrapped = 0 if recompute is None else min(layers, layers if recomputed_layers is None else recomputed_layers)
+    plain = layers - wrapped
     scalars = n * (2 * 4 + 4 * q // d)                          # RMSNorm rstd, attention log-sum-exp
-    per_layer = n * (r_el * residual_bytes + c_el * compute_bytes) + (0 if recompute else scalars)
-    per_lap = [layers * per_layer for _ in range(laps)]
-    # Lap k >= 1 attends to the keys/values of laps 0..k (saved by the attention core); under
-    # recompute the attention is rebuilt in the backward, so only the working set below holds them.
-    kv_cat = 0 if recompute else \
-        sum(n * _attention_extra_row_elems(kv, s, k) * compute_bytes for k in range(1, laps)) * layers
+
+    def layer_bytes(granularity):
+        r_el, c_el = _layer_row_elems(h, q, kv, f, granularity)
+        return n * (r_el * residual_bytes + c_el * compute_bytes) + (0 if granularity else scalars)
+
+    per_lap = [wrapped * layer_bytes(recompute) + plain * layer_bytes(None) for _ in range(laps)]
+    # Lap k >= 1 attends to the keys/values of laps 0..k (saved by the attention core); in a
+    # recomputed layer the attention is rebuilt in the backward, so only the working set holds them.
+    kv_cat = plain * sum(n * _attention_extra_row_elems(kv, s, k, dense_mask) * compute_bytes
+                         for k in range(1, laps))
     boundary = laps * 3 * n * h * residual_bytes               # lap input, final norm, readout term
     boundary += (int(pre_process) + int(post_process)) * n * h * residual_bytes   # embedding; readout sum
+    if pipelined:
+        boundary += layers * (laps - 1) * 2 * n * kv * compute_bytes   # gradients of the K/V leaves
     lm_head = 0
     if post_process:
         vocab_local = cfg.padded_vocab_size(tp) // tp
@@ -193,12 +209,12 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
         # a chunk of logits and of probabilities.
         lm_head = 4 * (n * h + vocab_local * h + 2 * chunk * vocab_local)
     working = 0
-    if recompute is not None:      # the widest (last) lap of one layer (full) or its attention (selective)
+    if wrapped:      # the widest (last) lap of one layer (full) or its attention (selective)
         r_full, c_full = _layer_row_elems(h, q, kv, f, None)
         if recompute == "selective":
             r_full, c_full = 0, 3 * q + 3 * kv
         working = n * (r_full * residual_bytes + c_full * compute_bytes) + scalars + \
-            n * _attention_extra_row_elems(kv, s, laps - 1) * compute_bytes
+            n * _attention_extra_row_elems(kv, s, laps - 1, dense_mask) * compute_bytes
     return ActivationBytes(sum(per_lap), kv_cat, boundary, lm_head, working, tuple(per_lap))
 
 
@@ -303,13 +319,14 @@ def validate_for_plan(args, world_size: int, vocab_size: Optional[int] = None) -
 
 def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, reserve_gib: float = 0.0,
                 schedule: str = "1f1b", max_in_flight: Optional[int] = None,
-                zero2_bucketed: bool = True) -> MemoryPlan:
+                zero2_bucketed: bool = True, device: str = "cuda") -> MemoryPlan:
     """The per-rank plan of a validated configuration (see :func:`validate_for_plan`).
 
     ``reserve_gib``: fixed runtime reserve (CUDA context, workspaces, NCCL). ``schedule``: pipeline
     order ("1f1b" or "gpipe"). ``zero2_bucketed``: ZeRO-2 reduce-scatters gradient buckets as the
     backward produces them, so at most 1/DP of the gradients plus one bucket is held; False plans a
-    full-size gradient buffer through the backward.
+    full-size gradient buffer through the backward. ``device``: where the run trains ("cuda" or
+    "cpu"); it decides the attention core ``--attention-backend auto`` picks for lap masks.
     """
     m, par, t = args.model, args.parallel, args.train
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
@@ -317,11 +334,18 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
     num_micro = t.num_micro_batches(dp)
     stages = stage_parameters(m, par)
     low_precision = bool(t.bf16 or t.fp16)
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r}")
+    # CUDA's auto core for lap masks is FlexAttention (model/attention_backends.py); sdpa and the
+    # unfused core expand the mask densely.
+    dense_mask = not (device == "cuda" and m.attention_backend in ("auto", "flex"))
     compute_bytes = 2 if low_precision else 4
     recompute = t.recompute_granularity
     if recompute == "full" and t.recompute_method == "block" and t.recompute_num_layers:
         recompute_note = f"full, first {t.recompute_num_layers} layers of each stage"
+        recomputed_layers = t.recompute_num_layers
     else:
+        recomputed_layers = None
         recompute_note = recompute or "none"
 
     if par.deepspeed_config:
@@ -365,7 +389,8 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
             opt = shard * 8
         in_flight = max_in_flight_microbatches(pp, s.pp_rank, num_micro, max_in_flight, schedule)
         act = activation_bytes(m, s, tp=tp, micro_batch=t.micro_batch_size, recompute=recompute,
-                               compute_bytes=compute_bytes, pre_process=pre, post_process=post)
+                               compute_bytes=compute_bytes, pre_process=pre, post_process=post,
+                               dense_mask=dense_mask, recomputed_layers=recomputed_layers, pipelined=pp > 1)
         copies = 0
         if low_precision:
             # One cast of each matmul weight per autocast region; kept by the graph without recompute.
