@@ -14,7 +14,7 @@ What it counts, per pipeline stage (every tensor-parallel rank of a stage holds 
   ``--recompute-granularity`` (every token assumed to take every lap: the upper bound), the keys and
   values of earlier laps that later laps attend to, and the fused LM-head/loss buffers;
 * **micro-batches in flight** on the stage under the pipeline schedule
-  (:func:`max_in_flight_microbatches`);
+  (``training.pipeline_schedule.max_in_flight_microbatches``);
 * **communication buffers**: gradient buckets, pipeline send/receive payloads;
 * a fixed **runtime reserve** for the CUDA context, library workspaces and NCCL buffers.
 
@@ -33,30 +33,11 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 
 from megatron_alcot.config import ConfigError, DataConfig
+from megatron_alcot.model.pipeline_split import build_pipeline_stage, layer_ranges
+from megatron_alcot.training.pipeline_schedule import max_in_flight_microbatches
 
 GIB = float(2 ** 30)
 ZERO2_BUCKET_MB = 25.0      # gradient bucket of the bucketed ZeRO-2 reduce-scatter (--ddp-bucket-size-mb)
-
-
-# --- pipeline ------------------------------------------------------------------------------------
-def max_in_flight_microbatches(pipeline_size: int, stage: int, num_microbatches: int,
-                               limit: Optional[int] = None, order: str = "1f1b") -> int:
-    """Micro-batches whose activations stage ``stage`` holds at once.
-
-        >>> max_in_flight_microbatches(4, 0, 32), max_in_flight_microbatches(4, 3, 32)
-        (4, 1)
-        >>> max_in_flight_microbatches(4, 0, 32, order="gpipe")
-        32
-
-    1F1B: ``min(m, P - stage)``; GPipe order: ``m``; ``limit`` caps either.
-    """
-    if order not in ("1f1b", "gpipe"):
-        raise ValueError(f"order must be '1f1b' or 'gpipe', got {order!r}")
-    held = num_microbatches if order == "gpipe" or pipeline_size == 1 else \
-        min(num_microbatches, pipeline_size - stage)
-    if pipeline_size == 1:
-        held = 1           # one micro-batch's forward and backward, then the next
-    return max(1, min(held, limit) if limit else held)
 
 
 # --- parameter counts from the model itself -----------------------------------------------------
@@ -96,7 +77,6 @@ def stage_parameters(model_cfg, parallel_cfg) -> List[StageParams]:
 
         >>> [s.numel for s in stage_parameters(cfg, ParallelConfig(pipeline_model_parallel_size=2))]
     """
-    from megatron_alcot.parallel.pipeline.build import build_pipeline_stage, layer_ranges
     tp, pp = parallel_cfg.tensor_model_parallel_size, parallel_cfg.pipeline_model_parallel_size
     ranges = layer_ranges(model_cfg.num_layers, pp, parallel_cfg.pipeline_layer_split)
     out = []
@@ -318,15 +298,13 @@ def validate_for_plan(args, world_size: int, vocab_size: Optional[int] = None) -
 
 
 def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, reserve_gib: float = 0.0,
-                schedule: str = "1f1b", max_in_flight: Optional[int] = None,
-                zero2_bucketed: bool = True, device: str = "cuda") -> MemoryPlan:
+                device: str = "cuda") -> MemoryPlan:
     """The per-rank plan of a validated configuration (see :func:`validate_for_plan`).
 
-    ``reserve_gib``: fixed runtime reserve (CUDA context, workspaces, NCCL). ``schedule``: pipeline
-    order ("1f1b" or "gpipe"). ``zero2_bucketed``: ZeRO-2 reduce-scatters gradient buckets as the
-    backward produces them, so at most 1/DP of the gradients plus one bucket is held; False plans a
-    full-size gradient buffer through the backward. ``device``: where the run trains ("cuda" or
-    "cpu"); it decides the attention core ``--attention-backend auto`` picks for lap masks.
+    ``reserve_gib``: fixed runtime reserve (CUDA context, workspaces, NCCL). ``device``: where the
+    run trains ("cuda" or "cpu"); it decides the attention core ``--attention-backend auto`` picks
+    for lap masks. The pipeline order and bound are the run's ``--pipeline-schedule`` and
+    ``--pipeline-max-in-flight``.
     """
     m, par, t = args.model, args.parallel, args.train
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
@@ -381,20 +359,23 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
         elif zero == 1:
             grads, opt = shard * dp * 4, shard * 8
         else:
-            if engine == "deepspeed" or zero2_bucketed:
-                bucket = int(ds_bucket) * 4 if engine == "deepspeed" else bucket_bytes
-                grads = min(shard * dp * 4, shard * 4 + bucket)
+            if engine == "deepspeed":
+                grads = min(shard * dp * 4, shard * 4 + int(ds_bucket) * 4)
+            elif pp > 1:
+                # The lap-cut backward accumulates every staging bucket until finish_grad_sync.
+                grads = shard * dp * 4 + shard * 4
             else:
-                grads = shard * dp * 4 + shard * 4      # full buffer in the backward, then the kept shard
+                # Buckets reduce-scatter into the 1/DP shard as the backward fills them: one filling,
+                # one in flight.
+                grads = min(shard * dp * 4, shard * 4 + 2 * bucket_bytes)
             opt = shard * 8
-        in_flight = max_in_flight_microbatches(pp, s.pp_rank, num_micro, max_in_flight, schedule)
+        in_flight = 1 if pp == 1 else max_in_flight_microbatches(
+            pp, s.pp_rank, num_micro, par.pipeline_max_in_flight, par.pipeline_schedule)
         act = activation_bytes(m, s, tp=tp, micro_batch=t.micro_batch_size, recompute=recompute,
                                compute_bytes=compute_bytes, pre_process=pre, post_process=post,
                                dense_mask=dense_mask, recomputed_layers=recomputed_layers, pipelined=pp > 1)
-        copies = 0
-        if low_precision:
-            # One cast of each matmul weight per autocast region; kept by the graph without recompute.
-            copies = s.matmul_numel * 2 * (1 if recompute == "full" else in_flight)
+        # One low-precision copy of each matmul weight for the whole step (the step's weight-cast region).
+        copies = s.matmul_numel * 2 if low_precision else 0
         comm = 0
         if pp > 1:       # a lap's hidden state received and one sent, in the activation dtype
             comm += 2 * t.micro_batch_size * m.seq_length * m.hidden_size * compute_bytes
@@ -417,8 +398,9 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
             transient = grads + activations
         totals.append(params + copies + opt + transient + comm + vals["runtime reserve"])
     if zero == 2 and engine == "distributed-optimizer":
-        notes.append("gradients under ZeRO-2: " + ("1/DP shard + one bucket (bucketed reduce-scatter "
-                     "during the backward)" if zero2_bucketed else "full buffer through the backward"))
+        notes.append("gradients under ZeRO-2: " + ("staging buckets held until the end of the lap-cut "
+                     "backward (PP > 1), plus the 1/DP shard" if pp > 1 else
+                     "1/DP shard + two buckets (reduce-scatter as the backward fills them)"))
     if lazy_grads and num_micro == 1:
         notes.append("one plain replica, one micro-batch: gradients are allocated as the backward frees "
                      "activations, so the total counts the larger of the two")
@@ -439,7 +421,8 @@ def _gib(n: int) -> str:
 
 
 def format_plan(plan: MemoryPlan) -> str:
-    """The per-rank table (GiB), one column per pipeline stage, then the verdict."""
+    """The per-rank table (GiB, or MiB below 1 GiB), one column per pipeline stage, then the verdict."""
+    unit, scale = ("GiB", GIB) if plan.peak_bytes >= GIB else ("MiB", float(2 ** 20))
     heads = [f"stage {s.pp_rank} (layers {s.layer_range[0]}-{s.layer_range[1] - 1})"
              for s in plan.stage_params]
     width = max(len(r.name) for r in plan.rows) + 4
@@ -448,15 +431,15 @@ def format_plan(plan: MemoryPlan) -> str:
              f"{plan.num_microbatches} micro-batches per step",
              "parameters per rank: " + ", ".join(f"stage {s.pp_rank}: {s.numel:,}" for s in plan.stage_params),
              "",
-             "| " + "component (GiB)".ljust(width) + " | " + " | ".join(heads) + " |",
+             "| " + f"component ({unit})".ljust(width) + " | " + " | ".join(heads) + " |",
              "|" + "-" * (width + 2) + "|" + "|".join("-" * (len(h) + 2) for h in heads) + "|"]
     for r in plan.rows:
         name = ("  " + r.name) if r.name in _DETAIL_ROWS else r.name
-        cells = [str(v) if r.name in _COUNT_ROWS else _gib(v) for v in r.bytes]
+        cells = [str(v) if r.name in _COUNT_ROWS else f"{v / scale:.3f}" for v in r.bytes]
         lines.append("| " + name.ljust(width) + " | " +
                      " | ".join(c.rjust(len(h)) for c, h in zip(cells, heads)) + " |")
     lines.append("| " + "total".ljust(width) + " | " +
-                 " | ".join(_gib(v).rjust(len(h)) for v, h in zip(plan.totals, heads)) + " |")
+                 " | ".join(f"{v / scale:.3f}".rjust(len(h)) for v, h in zip(plan.totals, heads)) + " |")
     lines.append("")
     if plan.budget_bytes is not None:
         verdict = "fits" if plan.fits else "DOES NOT FIT"
@@ -480,5 +463,5 @@ def world_size_from_slurm(env=None) -> Optional[int]:
 
 
 __all__ = ["ActivationBytes", "MemoryPlan", "PlanRow", "StageParams", "activation_bytes", "format_plan",
-           "max_in_flight_microbatches", "plan_memory", "stage_parameters", "validate_for_plan",
+           "plan_memory", "stage_parameters", "validate_for_plan",
            "world_size_from_slurm", "GIB"]

@@ -31,8 +31,6 @@ def _tool_parser() -> argparse.ArgumentParser:
                     help="GiB set aside for the CUDA context, library workspaces and NCCL (default 2)")
     ap.add_argument("--plan-vocab-size", type=int, default=None,
                     help="vocabulary size when --tokenizer-model is not readable here (32000 for LLaMA-2)")
-    ap.add_argument("--pipeline-order", choices=("1f1b", "gpipe"), default="1f1b",
-                    help="micro-batch order of the pipeline schedule (default 1f1b)")
     ap.add_argument("--plan-device", choices=("cuda", "cpu"), default="cuda",
                     help="where the run will train (default cuda); decides the attention core auto picks")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when the plan does not fit")
@@ -65,7 +63,7 @@ def main(argv=None) -> int:
         args = parse_args(rest)
         validate_for_plan(args, world, opts.plan_vocab_size)
         plan = plan_memory(args, world, opts.gpu_memory_gb, reserve_gib=opts.runtime_reserve_gb,
-                           schedule=opts.pipeline_order, device=opts.plan_device)
+                           device=opts.plan_device)
     except ConfigError as exc:
         print(f"plan_memory.py: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

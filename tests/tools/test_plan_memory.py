@@ -18,7 +18,7 @@ import plan_memory as tool  # noqa: E402
 
 from megatron_alcot.arguments import parse_args  # noqa: E402
 from megatron_alcot.config import ParallelConfig  # noqa: E402
-from megatron_alcot.memory_plan import (GIB, max_in_flight_microbatches, plan_memory,  # noqa: E402
+from megatron_alcot.memory_plan import (GIB, plan_memory,  # noqa: E402
                                         stage_parameters, validate_for_plan, world_size_from_slurm)
 from megatron_alcot.model.presets import preset  # noqa: E402
 
@@ -36,7 +36,7 @@ def _run_tool(capsys, argv):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_stage_parameters_equal_the_built_stages(tied):
-    from megatron_alcot.parallel.pipeline.build import build_pipeline_stage
+    from megatron_alcot.model.pipeline_split import build_pipeline_stage
     cfg = preset("tiny", num_layers=4, untie_embeddings_and_output_weights=not tied, latent_max_steps=3)
     for pp in (1, 2):
         pcfg = ParallelConfig(pipeline_model_parallel_size=pp)
@@ -64,12 +64,14 @@ def test_stage_parameters_equal_tensor_parallel_shards():
     assert real == [planned[0].numel] * 2
 
 
-def test_in_flight_rule():
-    assert [max_in_flight_microbatches(4, s, 32) for s in range(4)] == [4, 3, 2, 1]
-    assert [max_in_flight_microbatches(4, s, 2) for s in range(4)] == [2, 2, 2, 1]
-    assert max_in_flight_microbatches(4, 0, 32, order="gpipe") == 32
-    assert max_in_flight_microbatches(4, 0, 32, limit=2) == 2
-    assert max_in_flight_microbatches(1, 0, 32) == 1
+def test_in_flight_follows_the_pipeline_schedule():
+    def in_flight(extra):
+        args = parse_args(TINY + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "8"] + extra)
+        validate_for_plan(args, 2)
+        return plan_memory(args, 2, None).in_flight
+    assert in_flight([]) == [2, 2]                                  # 1F1B: min(m, P) with m = 4
+    assert in_flight(["--pipeline-schedule", "gpipe"]) == [4, 4]
+    assert in_flight(["--pipeline-max-in-flight", "1"]) == [1, 1]
 
 
 def test_table_and_json_line(capsys):
@@ -89,7 +91,7 @@ def test_table_and_json_line(capsys):
 
 
 def test_zero_stages_shard_gradients_and_state():
-    dist_opt = ["--use-distributed-optimizer", "--ddp-bucket-size-mb", "0.001"]
+    dist_opt = ["--use-distributed-optimizer", "--ddp-bucket-size-mb", "0.001"]   # 1048 bytes
     plans = {}
     for zero, extra in ((0, []), (1, dist_opt + ["--zero-stage", "1"]), (2, dist_opt + ["--zero-stage", "2"])):
         args = parse_args(TINY + extra)
@@ -101,7 +103,7 @@ def test_zero_stages_shard_gradients_and_state():
     assert plans[0].row("gradients").bytes == [4 * numel]
     assert plans[1].row("optimizer state").bytes == plans[2].row("optimizer state").bytes == [8 * shard]
     assert plans[1].row("gradients").bytes == [4 * 4 * shard]
-    assert plans[2].row("gradients").bytes == [4 * shard + int(0.001 * 2 ** 20)]
+    assert plans[2].row("gradients").bytes == [4 * shard + 2 * int(0.001 * 2 ** 20)]
     assert plans[2].peak_bytes < plans[1].peak_bytes < plans[0].peak_bytes
 
 
