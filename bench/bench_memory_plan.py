@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shlex
 import socket
 import subprocess
@@ -177,21 +178,23 @@ def _machine() -> str:
 
 def script_flags(script: str) -> list:
     """The pretrain flags a Slurm script passes, read from its ``DRY_RUN=1`` srun line."""
-    env = dict(os.environ, DRY_RUN="1", TOKENIZER_MODEL="tokenizer.model")
+    env = dict(os.environ, DRY_RUN="1", TOKENIZER_MODEL="tokenizer.model", PYTHON=sys.executable)
     for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_NNODES"):
         env.pop(var, None)
-    out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, cwd=ROOT, check=True).stdout
+    # Not check=True: the script's own plan exits non-zero when the recipe does not fit.
+    out = subprocess.run(["bash", script], capture_output=True, text=True, env=env, cwd=ROOT).stdout
     line = next(ln for ln in out.splitlines() if "pretrain_alcot.py" in ln and "srun" in ln)
     words = shlex.split(line)
     return words[words.index("pretrain_alcot.py") + 1:]
 
 
-# LLaMA 1.4B (model/presets.py "1.4b") on one node of 8 GPUs.
-RECIPE_1_4B = ["--num-layers", "24", "--hidden-size", "2048", "--ffn-hidden-size", "5504",
-               "--num-attention-heads", "32", "--seq-length", "2048", "--untie-embeddings-and-output-weights",
-               "--vocab-size", "50304", "--tokenizer-type", "NullTokenizer", "--mock-data",
-               "--micro-batch-size", "4", "--global-batch-size", "256", "--train-iters", "100000", "--bf16",
-               "--use-distributed-optimizer", "--latent-method", "alcot", "--latent-max-steps", "3"]
+def script_world(script: str) -> int:
+    """``#SBATCH --nodes`` × ``#SBATCH --ntasks-per-node`` of a Slurm script."""
+    with open(script) as fh:
+        text = fh.read()
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", text, re.M).group(1))
+    per_node = int(re.search(r"^#SBATCH --ntasks-per-node=(\d+)", text, re.M).group(1))
+    return nodes * per_node
 
 
 def _recipe_page(title: str, intro: str, variants, out: str) -> None:
@@ -202,7 +205,7 @@ def _recipe_page(title: str, intro: str, variants, out: str) -> None:
     tables = []
     for name, flags, world in variants:
         args = parse_args(list(flags))
-        validate_for_plan(args, world, 32000 if "Llama2Tokenizer" in flags else None)
+        validate_for_plan(args, world)
         plan = plan_memory(args, world, 80.0, reserve_gib=2.0)
         summary.append(f"| {name} | {world} | {plan.peak_bytes / 2 ** 30:.1f} | "
                        f"{'fits' if plan.fits else 'does not fit'} | {100 * plan.headroom:.1f} % |")
@@ -214,40 +217,47 @@ def _recipe_page(title: str, intro: str, variants, out: str) -> None:
     print(f"wrote {out}")
 
 
+def _variants(flags: list, world: int) -> list:
+    """The script as it is, then the recompute and optimizer choices it does not make."""
+    out = [("as the script runs it", flags, world)]
+    if "--use-distributed-optimizer" not in flags:
+        out.append(("with --use-distributed-optimizer (ZeRO-1)", flags + ["--use-distributed-optimizer"], world))
+    else:
+        plain = [f for f in flags if f != "--use-distributed-optimizer"]
+        out.append(("plain DDP (without --use-distributed-optimizer)", plain, world))
+    for granularity in ("selective", "full"):
+        if _last(flags, "--recompute-granularity") != granularity:
+            out.append((f"--recompute-granularity {granularity}",
+                        flags + ["--recompute-granularity", granularity], world))
+    micro = int(_last(flags, "--micro-batch-size") or 1)
+    if micro > 1 and _last(flags, "--recompute-granularity") != "full":
+        out.append((f"--micro-batch-size {micro // 2} and --recompute-granularity selective",
+                    flags + ["--micro-batch-size", str(micro // 2), "--recompute-granularity", "selective"], world))
+    return out
+
+
+def _last(flags: list, name: str):
+    """The value the parser keeps for ``name`` (the last one given), or None."""
+    idx = [i for i, f in enumerate(flags) if f == name]
+    return flags[idx[-1] + 1] if idx else None
+
+
 def recipes() -> None:
-    """docs/memory_plan_7b.md (slurm/pretrain_7b.sh's flags) and docs/memory_plan_1.4b.md."""
-    flags = script_flags(os.path.join(ROOT, "slurm", "pretrain_7b.sh"))
-    world = 32
-    zero1 = flags if "--use-distributed-optimizer" in flags else flags + ["--use-distributed-optimizer"]
-    plain = [f for f in flags if f != "--use-distributed-optimizer"]
-    variants = [("slurm/pretrain_7b.sh as it is", flags, world)]
-    variants += [(name, v, world) for name, v in (
-        ("with --use-distributed-optimizer (ZeRO-1)", zero1), ("plain DDP (no distributed optimizer)", plain))
-        if v != flags]
-    variants.append(("ZeRO-1, selective recompute instead of full",
-                     zero1 + ["--recompute-granularity", "selective"], world))
-    _recipe_page(
-        "Memory plan: LLaMA-2 7B with ALCoT (slurm/pretrain_7b.sh)",
-        "Generated by `bench/bench_memory_plan.py --recipes` from the flags `slurm/pretrain_7b.sh` passes "
-        f"(read from its `DRY_RUN=1` srun line), on {world} GPUs of 80 GiB (4 nodes × 8), with the "
-        "LLaMA-2 vocabulary of 32000 (`--plan-vocab-size 32000`) and 2 GiB of runtime reserve. "
-        "The accounting is `megatron_alcot/memory_plan.py`: parameters counted on meta-built "
-        "stages, activations by the per-layer formula that docs/bench_memory_plan.md checks against "
-        "measured peaks, every token taking all ℓmax + 1 laps. Attention on CUDA: FlexAttention over "
-        "the lap mask (no dense mask).", variants, os.path.join(ROOT, "docs", "memory_plan_7b.md"))
-    base = RECIPE_1_4B
-    variants = [("TP 1, DP 8, ZeRO-1, no recompute", base, 8),
-                ("TP 1, DP 8, ZeRO-1, selective recompute", base + ["--recompute-granularity", "selective"], 8),
-                ("TP 1, DP 8, ZeRO-1, full recompute", base + ["--recompute-granularity", "full"], 8),
-                ("TP 1, DP 8, plain DDP, full recompute",
-                 [f for f in base if f != "--use-distributed-optimizer"] + ["--recompute-granularity", "full"], 8)]
-    _recipe_page(
-        "Memory plan: LLaMA 1.4B with ALCoT",
-        "Generated by `bench/bench_memory_plan.py --recipes`: the paper's 1.4B shape (24 layers, hidden "
-        "2048, 32 heads, FFN 5504, vocabulary 50304, sequence 2048, untied), ALCoT ℓmax 3, bf16, "
-        "micro-batch 4, global batch 256, on one node of 8 GPUs of 80 GiB with 2 GiB of runtime "
-        "reserve. Flags: `" + " ".join(base) + "`.", variants,
-        os.path.join(ROOT, "docs", "memory_plan_1.4b.md"))
+    """docs/memory_plan_7b.md and docs/memory_plan_1.4b.md from slurm/pretrain_7b.sh and
+    slurm/pretrain_1.4b.sh."""
+    for size in ("7b", "1.4b"):
+        script = os.path.join(ROOT, "slurm", f"pretrain_{size}.sh")
+        flags, world = script_flags(script), script_world(script)
+        _recipe_page(
+            f"Memory plan: the {size.upper()} recipe (slurm/pretrain_{size}.sh)",
+            f"Generated by `bench/bench_memory_plan.py --recipes` from the flags `slurm/pretrain_{size}.sh` "
+            f"passes (read from its `DRY_RUN=1` srun line) on its {world} GPUs (`#SBATCH` nodes × tasks per "
+            "node), each of 80 GiB with 2 GiB of runtime reserve; the first row is what `DRY_RUN=1` prints, "
+            "the others change one choice. The accounting is `megatron_alcot/memory_plan.py`: parameters "
+            "counted on meta-built stages, activations by the per-layer formula that "
+            "docs/bench_memory_plan.md checks against measured peaks, every token taking all ℓmax + 1 "
+            "laps. Attention on CUDA: FlexAttention over the lap mask (no dense mask).",
+            _variants(flags, world), os.path.join(ROOT, "docs", f"memory_plan_{size}.md"))
 
 
 def main(argv=None) -> None:

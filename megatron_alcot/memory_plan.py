@@ -37,6 +37,7 @@ from megatron_alcot.model.pipeline_split import build_pipeline_stage, layer_rang
 from megatron_alcot.training.pipeline_schedule import max_in_flight_microbatches
 
 GIB = float(2 ** 30)
+LLAMA2_VOCAB = 32000
 ZERO2_BUCKET_MB = 25.0      # gradient bucket of the bucketed ZeRO-2 reduce-scatter (--ddp-bucket-size-mb)
 
 
@@ -278,13 +279,16 @@ def _plan_vocab(args, vocab_size: Optional[int]) -> int:
     if d.tokenizer_model and os.path.exists(d.tokenizer_model):
         from megatron_alcot.data.tokenizers import build_tokenizer
         return build_tokenizer(d.tokenizer_type, tokenizer_model=d.tokenizer_model).vocab_size
+    if d.tokenizer_type == "Llama2Tokenizer":
+        return LLAMA2_VOCAB        # every LLaMA-2 SentencePiece model has this vocabulary
     raise ConfigError(f"--tokenizer-model {d.tokenizer_model}: not readable here, so the vocabulary size is "
                       "unknown; give the plan --plan-vocab-size N (e.g. 32000 for the LLaMA-2 tokenizer)")
 
 
 def validate_for_plan(args, world_size: int, vocab_size: Optional[int] = None) -> None:
     """``validate_args`` on every part of the run except the data files and the tokenizer file, which
-    a plan made on a login node may not see. Sets ``args.model.vocab_size``. Raises ConfigError."""
+    a plan made on a login node may not see. Sets ``args.model.vocab_size``: ``vocab_size``, else the
+    readable tokenizer's, else 32000 for ``Llama2Tokenizer``. Raises ConfigError."""
     from megatron_alcot.arguments import validate_args
     if world_size < 1:
         raise ConfigError(f"--world-size must be >= 1, got {world_size}")

@@ -30,7 +30,8 @@ def _tool_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runtime-reserve-gb", type=float, default=2.0,
                     help="GiB set aside for the CUDA context, library workspaces and NCCL (default 2)")
     ap.add_argument("--plan-vocab-size", type=int, default=None,
-                    help="vocabulary size when --tokenizer-model is not readable here (32000 for LLaMA-2)")
+                    help="vocabulary size when --tokenizer-model is not readable here (Llama2Tokenizer: "
+                         "32000 without it)")
     ap.add_argument("--plan-device", choices=("cuda", "cpu"), default="cuda",
                     help="where the run will train (default cuda); decides the attention core auto picks")
     ap.add_argument("--no-fail", action="store_true", help="exit 0 even when the plan does not fit")

@@ -124,7 +124,7 @@ def test_does_not_fit_exits_1_and_says_what_to_change(capsys):
     (TINY + ["--world-size", "2", "--global-batch-size", "3"], "--global-batch-size"),
     (TINY + ["--world-size", "1", "--recompute-method", "block"], "--recompute-method"),
     ([a for a in TINY if a not in ("--tokenizer-type", "NullTokenizer")] + [
-        "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "/nonexistent/tok.model",
+        "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "/nonexistent/tok.model",
         "--world-size", "1"], "--plan-vocab-size"),
 ])
 def test_errors_name_the_flag(capsys, monkeypatch, argv, needle):
@@ -138,10 +138,13 @@ def test_errors_name_the_flag(capsys, monkeypatch, argv, needle):
 def test_plan_vocab_size_stands_in_for_an_absent_tokenizer(capsys):
     argv = [a for a in TINY if a not in ("--tokenizer-type", "NullTokenizer")] + [
         "--tokenizer-type", "Llama2Tokenizer", "--tokenizer-model", "/nonexistent/tok.model",
-        "--world-size", "1", "--plan-vocab-size", "300"]
-    code, out, _ = _run_tool(capsys, argv)
+        "--world-size", "1"]
+    code, out, _ = _run_tool(capsys, argv + ["--plan-vocab-size", "300"])
     assert code == 0
-    assert json.loads(out.strip().splitlines()[-1])["stage_params"][0] > 0
+    small = json.loads(out.strip().splitlines()[-1])["stage_params"][0]
+    code, out, _ = _run_tool(capsys, argv)          # LLaMA-2's 32000 tokens
+    assert code == 0
+    assert json.loads(out.strip().splitlines()[-1])["stage_params"][0] - small == 2 * 64 * (32000 - 384)
 
 
 def test_world_size_from_slurm():
