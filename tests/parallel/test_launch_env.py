@@ -2,6 +2,7 @@
 MPI launchers under Slurm, and ``world_size_from_env`` following the same rules."""
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -69,8 +70,9 @@ def test_mpi_launchers_under_slurm():
 
 def _script(env, *args):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TOKENIZER_"))}
+    clean["PYTHON"] = sys.executable       # the dry run's memory plan imports torch
     return subprocess.run(["bash", os.path.join(REPO, "slurm", "pretrain_7b.sh"), *args],
-                          env={**clean, **env}, capture_output=True, text=True, timeout=60)
+                          env={**clean, **env}, capture_output=True, text=True, timeout=120)
 
 
 def test_sbatch_script_dry_run_and_tokenizer_check():
