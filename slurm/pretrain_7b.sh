@@ -2,7 +2,8 @@
 # LLaMA-7B with ALCoT on Slurm: one task per GPU, ranks from the Slurm environment (no torchrun).
 #   TOKENIZER_MODEL=/path/to/llama-2/tokenizer.model sbatch slurm/pretrain_7b.sh [flags]   # from the repo root
 #   DRY_RUN=1 TOKENIZER_MODEL=... bash slurm/pretrain_7b.sh [flags]   # print the srun line and the memory plan
-# TP 2 × DP 16 with the distributed optimizer (ZeRO-1: Adam state sharded over DP) and full recompute.
+# TP 2 × DP 16 with the distributed optimizer (ZeRO-1: Adam state sharded over DP) and full recompute
+# (DRY_RUN=1 prints the memory plan: ~45 % headroom on 80 GB).
 # Extra flags are appended (the last value wins). Pre-emption, requeue, retention and the
 # environment variables: slurm/_job.sh and docs/launching.md.
 #SBATCH --job-name=alcot-7b
