@@ -65,6 +65,17 @@ if argv[0:2] == ["show", "hostnames"]:
     print(os.environ["TEST_HOSTNAMES"].replace(" ", "\\n"))
 if argv[0:2] == ["show", "job"]:
     print("   StdOut=" + os.environ["TEST_STDOUT"])
+if tool == "squeue" and os.environ.get("TEST_END_IN_S"):     # the job's end time, as %e prints it
+    import datetime
+    end = datetime.datetime.now() + datetime.timedelta(seconds=int(os.environ["TEST_END_IN_S"]))
+    print(end.strftime("%Y-%m-%dT%H:%M:%S"))
+if tool == "srun" and os.environ.get("TEST_END_IN_S"):       # run until the lead timer signals us (~2 s)
+    import time
+    for _ in range(200):
+        with open({log!r}) as f:
+            if '"scancel"' in f.read():
+                break
+        time.sleep(0.1)
 if tool == "srun":                       # the training's ending, as pretrain_alcot.py records it
     save = argv[len(argv) - 1 - argv[::-1].index("--save") + 1]
     if os.environ.get("TEST_EXIT_REASON"):
@@ -77,10 +88,10 @@ if tool == "srun":                       # the training's ending, as pretrain_al
 """
 
 
-def _run_script(tmp_path, reason, srun_rc, stale_record=False):
+def _run_script(tmp_path, reason, srun_rc, stale_record=False, **extra_env):
     bin_dir, log = tmp_path / "bin", str(tmp_path / "calls.jsonl")
     bin_dir.mkdir()
-    for tool in ("srun", "scontrol", "squeue"):
+    for tool in ("srun", "scontrol", "squeue", "scancel"):
         path = bin_dir / tool
         path.write_text(_RECORDER.format(python=sys.executable, log=log))
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
@@ -95,7 +106,7 @@ def _run_script(tmp_path, reason, srun_rc, stale_record=False):
                     SLURM_CPUS_PER_TASK="12", TOKENIZER_MODEL=str(tmp_path / "tokenizer.model"),
                     CKPT_DIR=str(tmp_path / "unused"), PYTHON=sys.executable,
                     TEST_HOSTNAMES=" ".join(expand_nodelist("gpu[07-10]")), TEST_STDOUT=str(stdout),
-                    TEST_EXIT_REASON=reason or "", TEST_SRUN_RC=str(srun_rc))
+                    TEST_EXIT_REASON=reason or "", TEST_SRUN_RC=str(srun_rc), **extra_env)
     run = subprocess.run(["bash", os.path.join(REPO_ROOT, "slurm", "pretrain_7b.sh"),
                           "--train-iters", "10", "--save", str(ckpt)], env=env,
                          capture_output=True, text=True, timeout=60)
@@ -159,3 +170,13 @@ def test_dry_run_prints_the_srun_line_for_every_recipe():
         argv = shlex.split(line)
         args = parse_args(argv[argv.index("pretrain_alcot.py") + 1:])
         assert args.train.train_iters == 7 and args.train.exit_signal_handler
+
+
+def test_signal_lead_timer_signals_the_step_not_the_batch_shell(tmp_path):
+    """SIGNAL_LEAD_S before the end time squeue reports, the script sends SIGTERM to the job's
+    steps (``scancel --signal=TERM <job>``, no --full / --batch: srun would kill the step on it)."""
+    run, calls, requeued = _run_script(tmp_path, "signal", 0, TEST_END_IN_S="302", SIGNAL_LEAD_S="300")
+    assert run.returncode == 0 and requeued, run.stdout + run.stderr
+    scancels = [c["argv"] for c in calls if c["tool"] == "scancel"]
+    assert scancels == [["--signal=TERM", "4242"]], calls
+    assert "300 s before the time limit: SIGTERM to the training tasks" in run.stdout
