@@ -220,7 +220,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1     # --pipeline-model-parallel-size
     pipeline_layer_split: Optional[str] = None  # --pipeline-layer-split "3,5": layers per stage (None: even)
     pipeline_schedule: str = "1f1b"           # --pipeline-schedule {1f1b,gpipe}: order of forward and backward laps
-    pipeline_max_in_flight: Optional[int] = None  # --pipeline-max-in-flight N: live micro-batches per stage (None: PP)
+    pipeline_max_in_flight: Optional[int] = None  # --pipeline-max-in-flight N: live micro-batches per stage (None: 2·PP)
     num_layers_per_virtual_pipeline_stage: Optional[int] = None  # --num-layers-per-virtual-pipeline-stage (not built)
     sequence_parallel: bool = False           # --sequence-parallel
     use_distributed_optimizer: bool = False   # --use-distributed-optimizer (ZeRO-1/2)
@@ -240,7 +240,7 @@ class ParallelConfig:
         _check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
         if self.pipeline_max_in_flight is not None and self.pipeline_max_in_flight < 1:
             raise ConfigError(f"--pipeline-max-in-flight {self.pipeline_max_in_flight}: give at least 1 "
-                              "(or leave it out: as many micro-batches as pipeline stages)")
+                              "(or leave it out: twice as many micro-batches as pipeline stages)")
         if self.num_layers_per_virtual_pipeline_stage is not None:
             raise ConfigError("--num-layers-per-virtual-pipeline-stage: interleaved virtual pipeline stages "
                               "are not implemented; the lap ring already keeps up to PP micro-batches in "

@@ -5,7 +5,7 @@ ring of stages: 1F1B with laps (the default) or GPipe order (docs/architecture.m
         forward_step_func=step, data_iterator=it, model=stage, num_microbatches=8,
         scale_loss=None, halting="learned", autocast_dtype=None, order="1f1b", max_in_flight=None)
     # last stage: one info per micro-batch, in micro-batch order; other stages: []
-    max_in_flight_microbatches(pipeline_size=4, stage=0, num_microbatches=32)   # == 4
+    max_in_flight_microbatches(pipeline_size=4, stage=0, num_microbatches=32)   # == 8
 
 ``forward_step_func(batch, model) -> (loss, info)`` is the PP = 1 step function: on the last stage
 it is called once per micro-batch after its last lap, and its ``model(...)`` returns that
@@ -19,7 +19,7 @@ sends the forward result to the next stage of the ring and the input gradient to
 
 * Forward: stage 0 runs the lap that came back from the last stage (lap k >= 1 of a micro-batch that
   has not halted), else injects the next micro-batch (its embedding) if fewer than ``max_in_flight``
-  micro-batches are alive, else idles. Stage p > 0 runs what stage p - 1 sent. After each lap the last
+  (default 2·P) micro-batches are alive, else idles. Stage p > 0 runs what stage p - 1 sent. After each lap the last
   stage's latent method decides: the next lap goes back to stage 0, or the micro-batch is finished
   (all tokens halted, or ℓmax reached), its loss is computed and a DONE header carrying the lap count
   frees the ring slot on stage 0.
@@ -50,7 +50,7 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -68,14 +68,18 @@ def max_in_flight_microbatches(pipeline_size: int, stage: int, num_microbatches:
                                limit: Optional[int] = None, order: str = "1f1b") -> int:
     """How many micro-batches hold activations at once on ``stage`` (memory planning).
 
-        max_in_flight_microbatches(4, 0, 32)                  # 1F1B: 4
+        max_in_flight_microbatches(4, 0, 32)                  # 1F1B: 8
         max_in_flight_microbatches(4, 3, 32, order="gpipe")   # 32
-        max_in_flight_microbatches(4, 0, 32, limit=6)         # --pipeline-max-in-flight 6: 6
+        max_in_flight_microbatches(4, 0, 32, limit=4)         # --pipeline-max-in-flight 4: 4
 
-    1F1B: ``min(m, limit or P)`` on every stage; GPipe order: ``m``. The lap ring keeps a
+    1F1B: ``min(m, limit or 2·P)`` on every stage; GPipe order: ``m``. The lap ring keeps a
     micro-batch's lap states on every stage until its backward reaches that stage's lap 0, so the
     last stages hold as many micro-batches as the first (without laps Megatron's 1F1B holds
-    ``P - stage``; the bound here is the same or larger).
+    ``P - stage``). Why 2·P by default: each round pairs one forward and one backward lap per stage,
+    and a round starts only when both ring neighbours finished the previous one, so a micro-batch
+    occupies a slot of the forward ring (P slots) and later one of the backward ring (P slots). With
+    2·P alive the idle fraction of the schedule equals the analytic (P-1)/(m+P-1) without laps and is
+    below it with laps; with P alive one ring runs half empty (docs/bench_pipeline.md).
     """
     if order not in PIPELINE_ORDERS:
         raise ValueError(f"pipeline order {order!r}: use one of {', '.join(PIPELINE_ORDERS)}")
@@ -83,7 +87,7 @@ def max_in_flight_microbatches(pipeline_size: int, stage: int, num_microbatches:
         raise ValueError(f"stage {stage} outside a pipeline of {pipeline_size} stages")
     if order == "gpipe":
         return num_microbatches
-    return max(1, min(num_microbatches, limit or pipeline_size))
+    return max(1, min(num_microbatches, limit or 2 * pipeline_size))
 
 
 def weight_cast_region(device: torch.device, dtype: Optional[torch.dtype]):
@@ -137,6 +141,7 @@ class ScheduleStats:
     total_s: float = 0.0
     forward_s: float = 0.0
     backward_s: float = 0.0
+    slots: List[Tuple[int, int]] = field(default_factory=list)   # per round: (forward lap?, backward lap?)
 
 
 class _FinishedModel:
@@ -357,7 +362,8 @@ class _LapPipeline:
                     if incoming.step == 0:
                         self._new_mb(incoming.micro_batch)
                     out = self._forward_lap(self.mbs[incoming.micro_batch], self._lap_from(incoming))
-            if out.kind in (LAP, DONE):
+            ran_forward = out.kind in (LAP, DONE)
+            if ran_forward:
                 self.stats.forward_laps += 1
             if self.last and out.kind == DONE:
                 done += 1
@@ -374,7 +380,7 @@ class _LapPipeline:
             # backward slot
             grad_out = self.link.backward_payload()
             t1b = time.perf_counter()
-            grad_msg = GradMessage()
+            grad_msg, ran_backward = GradMessage(), False
             if self.training and final_round is None:
                 item = None
                 if bwd_head[0] == GRAD and not (self.last and bwd_head[2] == 0):
@@ -386,11 +392,13 @@ class _LapPipeline:
                 if item is not None:
                     grad_in = self._backward_lap(item[0], item[1], grad_out)
                     self.stats.backward_laps += 1
+                    ran_backward = True
                     if not self.first or item[1] > 0:
                         grad_msg = GradMessage(GRAD, item[0], item[1], grad_in if grad_in is not None
                                                else torch.zeros(self.link.spec.batch, self.link.spec.seq,
                                                                 self.link.spec.hidden, device=self.device))
             t2 = time.perf_counter()
+            self.stats.slots.append((int(ran_forward), int(ran_backward)))
             self.stats.forward_s += t1 - t0
             self.stats.backward_s += t2 - t1b
             # stage 0 decides the end
@@ -424,7 +432,7 @@ def forward_backward_pipelining_with_laps(*, forward_step_func: Optional[Callabl
     ``num_microbatches``, then ``scale_loss``); with a data-parallel wrapper the whole call runs under
     ``no_sync`` and the caller's ``finish_grad_sync`` reduces. ``halting``: one mode or callable for
     all micro-batches, or a list with one per micro-batch. ``order``: ``"1f1b"`` (backward as soon
-    as a micro-batch finished, at most ``max_in_flight`` (default P) alive) or ``"gpipe"`` (every
+    as a micro-batch finished, at most ``max_in_flight`` (default 2·P) alive) or ``"gpipe"`` (every
     backward after every forward). ``lap_trace``: a list that receives ``(micro_batch, step)`` for
     every forward lap this stage runs; ``stats``: a :class:`ScheduleStats` to fill.
 

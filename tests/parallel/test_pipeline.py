@@ -207,12 +207,12 @@ def test_pp2_matches_single_process():
 @pytest.mark.slow
 def test_pp4_uneven_and_pp2_tp2():
     """Four stages with an uneven split, 3 of 4 micro-batches in flight; 1F1B with 6 micro-batches
-    of uneven depths on 4 stages (at most 4 alive); PP = 2 x TP = 2."""
+    of uneven depths on 4 stages, at most 4 alive; PP = 2 x TP = 2."""
     cases = [{"name": "pp4-uneven", "pp": 4,
               "cfg": _cfg(num_layers=5, untie_embeddings_and_output_weights=False),
               "split": "2,1,1,1", "batches": _batches(7, 4), "max_in_flight": 3,
               "halting": ["learned", halt_after_step1, "learned", "always"]},
-             {"name": "pp4-1f1b-more-micro-batches-than-stages", "pp": 4, "cfg": _cfg(),
+             {"name": "pp4-1f1b-4-alive-of-6", "pp": 4, "cfg": _cfg(), "max_in_flight": 4,
               "batches": _batches(11, 6),
               "halting": ["never", halt_after_step1, "learned", "always", "learned", halt_after_step1]},
              {"name": "pp2-tp2", "pp": 2, "tp": 2, "cfg": _cfg(untie_embeddings_and_output_weights=False),
@@ -258,8 +258,8 @@ def test_ponder_with_pipeline_is_refused():
 
 
 def test_max_in_flight_microbatches():
-    assert max_in_flight_microbatches(4, 0, 32) == 4
-    assert max_in_flight_microbatches(4, 3, 32) == 4
+    assert max_in_flight_microbatches(4, 0, 32) == 8
+    assert max_in_flight_microbatches(4, 3, 32) == 8
     assert max_in_flight_microbatches(4, 2, 3) == 3
     assert max_in_flight_microbatches(4, 1, 32, limit=6) == 6
     assert max_in_flight_microbatches(2, 1, 32, order="gpipe") == 32
