@@ -69,7 +69,8 @@ def test_in_flight_follows_the_pipeline_schedule():
         args = parse_args(TINY + ["--pipeline-model-parallel-size", "2", "--global-batch-size", "8"] + extra)
         validate_for_plan(args, 2)
         return plan_memory(args, 2, None).in_flight
-    assert in_flight([]) == [2, 2]                                  # 1F1B: min(m, P) with m = 4
+    assert in_flight([]) == [4, 4]                                  # 1F1B: min(m, 2·P) with m = 4
+    assert in_flight(["--pipeline-max-in-flight", "2"]) == [2, 2]
     assert in_flight(["--pipeline-schedule", "gpipe"]) == [4, 4]
     assert in_flight(["--pipeline-max-in-flight", "1"]) == [1, 1]
 
