@@ -2,11 +2,11 @@
 
     .venv/bin/python bench/bench_memory_plan.py [--rows all|quick] [--out docs/bench_memory_plan.md]
 
-Each grid row runs ``training.train.train`` (what ``pretrain_alcot.py`` runs) for two iterations in
+Each grid row runs ``training.train.train`` (what ``pretrain_alcot.py`` runs) for three iterations in
 a gloo world of spawned CPU processes, under ``torch.profiler`` with ``profile_memory``: every
 allocation and free of the CPU allocator from before the model is built. The measured peak of a rank
-is the largest number of live bytes during its second ``train_step`` (Adam state exists, buffers are
-warm), counted from the start of ``train``. The plan is ``memory_plan.plan_memory`` for the same
+is the largest number of live bytes during its second and third ``train_step`` (Adam state exists,
+buffers are warm), counted from the start of ``train``. The plan is ``memory_plan.plan_memory`` for the same
 flags with no runtime reserve (no CUDA here). The page shows plan, measured and their ratio for the
 rank with the largest measured peak, and the worst ratio over all ranks against their stage's plan.
 
@@ -37,7 +37,7 @@ from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 BASE = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--ffn-hidden-size", "384",
         "--seq-length", "128", "--micro-batch-size", "2", "--vocab-size", "512",
-        "--tokenizer-type", "NullTokenizer", "--mock-data", "--train-iters", "2", "--eval-iters", "0",
+        "--tokenizer-type", "NullTokenizer", "--mock-data", "--train-iters", "3", "--eval-iters", "0",
         "--num-workers", "0", "--log-interval", "100", "--quiet", "--lr", "1e-3",
         "--untie-embeddings-and-output-weights", "--attention-backend", "sdpa",
         "--cpu-gemm-backend", "torch", "--latent-method", "alcot"]
@@ -76,7 +76,7 @@ STEP_MARK = "memory_plan_bench.train_step"
 
 
 def _measure_rank(rank, world, argv):
-    """Peak live CPU-allocator bytes of this rank during its last ``train_step``."""
+    """Peak live CPU-allocator bytes of this rank during its ``train_step`` calls after the first."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import megatron_alcot.training.train as train_mod
@@ -95,7 +95,7 @@ def _measure_rank(rank, world, argv):
     events = list(prof.profiler.kineto_results.events())
     steps = sorted((e.start_ns(), e.end_ns()) for e in events if e.name() == STEP_MARK)
     memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    lo, hi = steps[-1]
+    lo, hi = steps[1][0], steps[-1][1]          # every step after the first
     live, peak = 0, 0
     for ts, nbytes in memory:
         live += nbytes
@@ -256,7 +256,10 @@ def recipes() -> None:
             "the others change one choice. The accounting is `megatron_alcot/memory_plan.py`: parameters "
             "counted on meta-built stages, activations by the per-layer formula that "
             "docs/bench_memory_plan.md checks against measured peaks, every token taking all ℓmax + 1 "
-            "laps. Attention on CUDA: FlexAttention over the lap mask (no dense mask).",
+            "laps. Attention on CUDA: FlexAttention over the lap mask (no dense mask). The measured check "
+            "is fp32 on CPUs; the bf16 split used here (fp32 residual stream and norm statistics, bf16 "
+            "matmul inputs and outputs, one bf16 copy of the matmul weights per step) follows the same "
+            "terms and has not been measured on a GPU yet.",
             _variants(flags, world), os.path.join(ROOT, "docs", f"memory_plan_{size}.md"))
 
 
@@ -293,9 +296,9 @@ def main(argv=None) -> None:
         f"{torch.__version__}, gloo, one thread per rank ({time.time() - started:.0f} s in all).",
         "",
         "Each row trains the same model (4 layers, hidden 128, 4 heads, FFN 384, vocabulary 512, "
-        "sequence 128, micro-batch 2, fp32, untied, ALCoT) for two iterations through "
+        "sequence 128, micro-batch 2, fp32, untied, ALCoT) for three iterations through "
         "`training.train.train`, under `torch.profiler` with `profile_memory`. *measured* is the "
-        "largest count of live CPU-allocator bytes during the second iteration, from the start of "
+        "largest count of live CPU-allocator bytes during the second and third iterations, from the start of "
         "`train` (the rank with the largest peak); *plan* is `tools/plan_memory.py`'s total for "
         "that rank's stage with no runtime reserve; *worst rank* is the plan/measured ratio "
         "farthest from 1 over all ranks; *activations in plan* is the activation share of the plan, "
@@ -303,12 +306,11 @@ def main(argv=None) -> None:
         "here (the routers start at continue probability 0.9 and halting threshold 0.1), which "
         "is what the plan assumes. PP rows use one micro-batch, where GPipe and 1F1B hold the same.",
         "",
-        "ZeRO-2 is planned as the bucketed reduce-scatter during the backward: 1/DP of the gradients "
-        "plus one `--ddp-bucket-size-mb` bucket, at most the full buffer. With the default 25 MiB "
-        "bucket this model's gradients (3.8 MiB) fit in one bucket, so the plan is the full buffer; "
-        "the 0.5 MiB row plans 1/DP + 0.5 MiB, which the measured run reaches only when the "
-        "optimizer releases the full gradient buffer during the backward (otherwise the row "
-        "measures the full buffer, 1.4 MiB above the plan).",
+        "ZeRO-2 is planned as the rank's 1/DP gradient shard plus at most two staging buckets that "
+        "exist only during the backward (one filling, one being reduce-scattered); with the default "
+        "25 MiB buckets this model's gradients (3.8 MiB) are one bucket, the 0.5 MiB row has many. On "
+        "CPUs the distributed optimizer's gloo reduce-scatter and all-gather stage a copy of a bucket; "
+        "CPU plans count it under communication buffers (CUDA plans do not).",
         "",
         *table,
         "",

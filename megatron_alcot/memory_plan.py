@@ -199,6 +199,26 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
     return ActivationBytes(sum(per_lap), kv_cat, boundary, lm_head, working, tuple(per_lap))
 
 
+def _peak_activations(act: ActivationBytes, in_flight: int, laps: int, late_grads: Optional[int]) -> int:
+    """The largest activation (plus late-allocated gradient) bytes over a step's timeline.
+
+    At the end of a forward every in-flight micro-batch holds ``act.held``. The backward starts with
+    the LM head, whose forward-made gradients are then released, before the first layer is
+    recomputed (``act.recompute_working``). ``late_grads``: gradient bytes allocated only during the
+    backward (autograd's own with one plain replica and one micro-batch, ZeRO-2's staging buckets);
+    they all exist once the last lap's backward is done, while the earlier laps' activations wait.
+    """
+    ended = act.held * in_flight
+    recomputing = ended - act.lm_head + act.recompute_working
+    peak = max(ended, recomputing)
+    if late_grads is not None:
+        earlier_laps = (act.held - act.lm_head) * (laps - 1) // laps
+        later = late_grads + earlier_laps + act.held * (in_flight - 1) + \
+            (act.recompute_working if laps > 1 else 0)
+        peak = max(peak, later)
+    return peak
+
+
 # --- the plan ------------------------------------------------------------------------------------
 @dataclass
 class PlanRow:
@@ -358,6 +378,8 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
         if zero >= 1 and engine == "distributed-optimizer":
             params = shard * dp * pb                     # the flat buffer, padded to a multiple of DP
         # fp32 master weights are the parameters themselves (fp32 storage); Adam keeps two moments.
+        # ``late``: the part of ``grads`` allocated only during the backward.
+        late = numel * 4 if lazy_grads and num_micro == 1 else 0
         if zero == 0:
             grads, opt = numel * 4, numel * 8
         elif zero == 1:
@@ -370,8 +392,9 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
                 grads = shard * dp * 4 + shard * 4
             else:
                 # Buckets reduce-scatter into the 1/DP shard as the backward fills them: one filling,
-                # one in flight.
-                grads = min(shard * dp * 4, shard * 4 + 2 * bucket_bytes)
+                # one in flight; the staging buckets exist only during the backward.
+                late = min(shard * dp * 4, 2 * bucket_bytes)
+                grads = shard * 4 + late
             opt = shard * 8
         in_flight = 1 if pp == 1 else max_in_flight_microbatches(
             pp, s.pp_rank, num_micro, par.pipeline_max_in_flight, par.pipeline_schedule)
@@ -381,6 +404,9 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
         # One low-precision copy of each matmul weight for the whole step (the step's weight-cast region).
         copies = s.matmul_numel * 2 if low_precision else 0
         comm = 0
+        if device == "cpu" and engine == "distributed-optimizer" and dp > 1:
+            # gloo's reduce-scatter and all-gather go through a staging copy of the bucket
+            comm += min(bucket_bytes, shard * dp * 4)
         if pp > 1:       # a lap's hidden state received and one sent, in the activation dtype
             comm += 2 * t.micro_batch_size * m.seq_length * m.hidden_size * compute_bytes
         vals = {
@@ -394,20 +420,15 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
         for n in names:
             values[n].append(int(vals[n]))
         in_flight_all.append(in_flight)
-        activations = vals["activations held (× in flight)"] + vals["recompute working set"]
-        if lazy_grads and num_micro == 1:
-            # Gradients appear as the backward frees the activations: the larger of the two peaks.
-            transient = max(grads, activations)
-        else:
-            transient = grads + activations
+        transient = grads - late + _peak_activations(act, in_flight, m.num_latent_steps + 1, late or None)
         totals.append(params + copies + opt + transient + comm + vals["runtime reserve"])
     if zero == 2 and engine == "distributed-optimizer":
         notes.append("gradients under ZeRO-2: " + ("staging buckets held until the end of the lap-cut "
                      "backward (PP > 1), plus the 1/DP shard" if pp > 1 else
                      "1/DP shard + two buckets (reduce-scatter as the backward fills them)"))
     if lazy_grads and num_micro == 1:
-        notes.append("one plain replica, one micro-batch: gradients are allocated as the backward frees "
-                     "activations, so the total counts the larger of the two")
+        notes.append("one plain replica, one micro-batch: autograd allocates the gradients during the "
+                     "backward, as the activations are released")
     notes.append("activations assume every token takes every lap (the most the run can hold)")
     rows = [PlanRow(n, values[n]) for n in names]
     return MemoryPlan(world_size, tp, pp, dp, zero, engine, recompute_note, num_micro, in_flight_all,
