@@ -42,6 +42,8 @@ from megatron_alcot.training.ddp import DistributedDataParallel  # noqa: E402
 from megatron_alcot.training.train_step import StepContext, make_forward_step, train_step  # noqa: E402
 
 
+GOAL = 1.1          # the default path's aim over HF, every shape and precision
+
 SHAPES = {
     "quickstart": dict(layers=4, hidden=128, heads=4, vocab=4096, seq=128, batch=8),
     "wide": dict(layers=4, hidden=256, heads=4, vocab=4096, seq=256, batch=8),
@@ -259,6 +261,16 @@ def write_doc(args, shapes, rows) -> None:
     worst = min(r["ratio"] for r in rows)
     lines += ["", f"Slowest ratio of the default path over all shapes, precisions and runs: **{worst:.2f}x**. "
               "Median step times over the runs (ms, min–max), which show where the ratios' spread comes from:", ""]
+    short = [r for r in rows if r["ratio"] < GOAL]
+    if short:
+        r = min(short, key=lambda r: r["ratio"])
+        same_gemm = r["mode"] == "fp32" and not gemm.auto_prefers_onednn()
+        lines[-2] += (f" Below the {GOAL}x goal in {len(short)} of {len(rows)} measurements, at most by "
+                      f"{100 * (1 - r['ratio'] / GOAL):.0f} % ({r['shape']} {r['mode']}, {r['ratio']:.2f}x)"
+                      + (": `auto` runs the same GEMM library as HF here (torch's; oneDNN did not measure "
+                         "1.15x faster on this machine), so ours gains only from the fused LM head + cross "
+                         "entropy, the element-wise work and the optimizer, a smaller share of the step the "
+                         "larger the GEMMs." if same_gemm else "."))
     for shape_name in shapes:
         for mode in args.modes:
             runs = [r for r in rows if r["shape"] == shape_name and r["mode"] == mode]

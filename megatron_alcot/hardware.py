@@ -223,15 +223,22 @@ def measure() -> Machine:
     ident = identity()
     start, threads = time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)
+    # Real fp32 CPU kernels whatever the caller's context: models are also built on the meta
+    # device (memory plans), under autocast, inference mode or another default dtype.
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
     try:
-        with torch.no_grad():
-            bf16 = _matmul_speedup(torch.bfloat16)
-            fp16 = _matmul_speedup(torch.float16)
-            onednn = _onednn_speedup()
-        att32 = _attention_speedup(torch.float32)
-        att16 = _attention_speedup(torch.bfloat16)
+        with torch.device("cpu"), torch.inference_mode(False), torch.autocast("cpu", enabled=False):
+            with torch.no_grad():
+                bf16 = _matmul_speedup(torch.bfloat16)
+                fp16 = _matmul_speedup(torch.float16)
+                onednn = _onednn_speedup()
+            with torch.enable_grad():
+                att32 = _attention_speedup(torch.float32)
+                att16 = _attention_speedup(torch.bfloat16)
     finally:
         torch.set_num_threads(threads)
+        torch.set_default_dtype(dtype)
     return Machine(cpu=str(ident["cpu"]), isa=list(ident["isa"]), torch_version=torch.__version__,
                    bf16_speedup=round(bf16, 3), fp16_speedup=round(fp16, 3),
                    onednn_speedup=round(onednn, 3), unfused_speedup_fp32=round(att32, 3),

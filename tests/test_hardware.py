@@ -224,3 +224,15 @@ def test_real_probe_measures_finite_ratios(monkeypatch, tmp_path):
         assert math.isfinite(getattr(m, name)) and getattr(m, name) > 0, name
     assert (m.onednn_speedup > 0) == gemm.onednn_available()
     assert hardware.load("").source.startswith("cache")
+
+
+@pytest.mark.probe
+def test_the_probe_times_real_kernels_when_first_called_while_building_on_meta(monkeypatch, tmp_path):
+    monkeypatch.setenv(hardware.CACHE_ENV, str(tmp_path))
+    gemm.onednn_available.cache_clear()
+    try:
+        with torch.device("meta"), torch.autocast("cpu", dtype=torch.bfloat16):
+            m = hardware.load("nocache")
+    finally:
+        gemm.onednn_available.cache_clear()
+    assert (m.onednn_speedup > 0) == gemm.onednn_available()

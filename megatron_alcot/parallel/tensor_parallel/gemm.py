@@ -40,9 +40,9 @@ def onednn_available() -> bool:
     """torch was built with oneDNN and its fp32 linear op runs here."""
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
         return False
-    try:
-        x, w = torch.ones(2, 3), torch.ones(4, 3)
-        return bool(torch.equal(_lp(x, w), torch.full((2, 4), 3.0)))
+    try:    # explicit device and dtype: the first caller may be building a model on the meta device
+        x, w = torch.ones(2, 3, device="cpu", dtype=torch.float32), torch.ones(4, 3, device="cpu", dtype=torch.float32)
+        return bool(torch.equal(_lp(x, w), torch.full((2, 4), 3.0, device="cpu")))
     except (RuntimeError, NotImplementedError):
         return False
 
