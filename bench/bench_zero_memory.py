@@ -1,19 +1,25 @@
-"""Optimizer-state bytes per rank and step time: DistributedOptimizer (ZeRO-1/2) vs plain AdamW.
+"""Gradient and optimizer memory per rank, measured during backward: DDP vs ZeRO-1 vs ZeRO-2.
 
-    .venv/bin/python bench/bench_zero_memory.py [--preset small] [--steps 8] [--out docs/bench_zero_memory.md]
+    .venv/bin/python bench/bench_zero_memory.py [--preset small] [--dp 2] [--micro 1 4] [--bucket-mb 1]
 
-For DP = 1, 2, 4 (gloo, spawned CPU processes) each of three set-ups trains the same model side by
-side in one world: plain = DistributedDataParallel (all-reduce) + the base AdamW; zero1 / zero2 =
-the distributed optimizer. Reported per rank: bytes of optimizer state (Adam moments plus any
-separate fp32 master), bytes of gradient storage held after the step, and the median time of the
-reduction + optimizer step and of the whole iteration, with the ratio to plain.
+One gloo world of DP spawned CPU processes trains the same model three ways side by side: plain =
+DistributedDataParallel (all-reduce) + the base AdamW; zero1 / zero2 = the distributed optimizer.
+Each global batch is ``m`` micro-batches (the trainer's schedule, ``no_sync`` on all but the last).
+Gradient memory is counted by tensor accounting at every gradient hook of every backward (once
+before the buffer's hook, while autograd's fresh ``.grad`` is alive, and once after): the full
+buffer, the ZeRO-2 shard and staging buckets, and any ``.grad`` outside them. Reported per rank:
+the peak during backward, what is held after the step, Adam state bytes, and the median iteration
+time, with ratios. Goal: ZeRO-2's peak <= full / DP + one bucket (+ the largest single gradient
+autograd hands over before it is folded into a bucket).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -29,56 +35,72 @@ from megatron_alcot.optim import build_optimizer  # noqa: E402
 from megatron_alcot.optim.distributed_optimizer import build_distributed_optimizer  # noqa: E402
 from megatron_alcot.parallel import state  # noqa: E402
 from megatron_alcot.training.ddp import DistributedDataParallel  # noqa: E402
+from megatron_alcot.training.schedules import forward_backward_no_pipelining  # noqa: E402
+from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 OPTIM = OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
 MICRO, SEQ = 2, 64
 
 
-def _plain_state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if torch.is_tensor(t))
+def _held(kind, opt, ddp, params) -> int:
+    if kind != "plain":
+        return opt.grad_bytes()
+    data = ddp.grad_buffer
+    total = data.numel() * 4 if data is not None else 0
+    lo = data.data_ptr() if data is not None else 0
+    hi = lo + total
+    return total + sum(p.grad.numel() * p.grad.element_size() for p in params
+                       if p.grad is not None and not lo <= p.grad.data_ptr() < hi)
 
 
-def _grad_bytes(kind, opt, ddp) -> int:
-    if kind == "plain":
-        return ddp.grad_buffer.numel() * 4
-    held = opt.grad_buffer.numel() * 4 if opt.grad_buffer is not None else 0
-    return held + (opt._grad_shard.numel() * 4 if kind == "zero2" and opt._grad_shard is not None else 0)
-
-
-def _body(rank, world, preset_name, steps):
+def _body(rank, world, preset_name, steps, micro, bucket_mb):
     state.initialize_model_parallel(1, 1)
     cfg = preset(preset_name, seq_length=SEQ)
-    vocab = cfg.vocab_size
     g = torch.Generator().manual_seed(rank)
-    data = [(torch.randint(0, vocab, (MICRO, SEQ), generator=g),
-             torch.randint(0, vocab, (MICRO, SEQ), generator=g)) for _ in range(steps)]
+    data = [(torch.randint(0, cfg.vocab_size, (MICRO, SEQ), generator=g),
+             torch.randint(0, cfg.vocab_size, (MICRO, SEQ), generator=g)) for _ in range(steps * micro)]
     rows = {}
     for kind in ("plain", "zero1", "zero2"):
         model = build_model(cfg)
+        params = [p for p in model.parameters() if p.requires_grad]
+        box, peak = {}, [0]
+
+        def account(_p, box=box, peak=peak, params=params, kind=kind):
+            if "opt" in box:
+                peak[0] = max(peak[0], _held(kind, box["opt"], box.get("ddp"), params))
+        for p in params:                      # before the buffer's hook: autograd's .grad is alive
+            p.register_post_accumulate_grad_hook(account)
         if kind == "plain":
-            ddp = DistributedDataParallel(model, state.get_data_parallel_group(), overlap_grad_reduce=False)
-            opt = build_optimizer(model, OPTIM)
-            wrapped = ddp
+            ddp = DistributedDataParallel(model, state.get_data_parallel_group(), bucket_size_mb=bucket_mb)
+            opt, wrapped = build_optimizer(model, OPTIM), ddp
+            box["ddp"] = ddp
         else:
-            opt = build_distributed_optimizer(model, OPTIM, zero_stage=int(kind[-1]))
-            wrapped, ddp = opt.wrap_model(model), None
-        opt_times, iter_times = [], []
-        for tokens, labels in data:
+            opt = build_distributed_optimizer(model, OPTIM, zero_stage=int(kind[-1]), bucket_size_mb=bucket_mb)
+            wrapped = opt.wrap_model(model)
+        box["opt"] = opt
+        for p in params:                      # after it: what the buffer keeps
+            p.register_post_accumulate_grad_hook(account)
+        it = iter(data)
+        times = []
+        for step in range(steps):
+            if step == 1:
+                peak[0] = 0                   # the first step allocates; measure the steady state
             t0 = time.perf_counter()
             wrapped.zero_grad_buffer()
-            wrapped(tokens, labels=labels).loss.backward()
-            t1 = time.perf_counter()
+            forward_backward_no_pipelining(
+                forward_step_func=lambda b, m: (m(b[0], labels=b[1]).loss, None),
+                data_iterator=it, model=wrapped, num_microbatches=micro)
             wrapped.finish_grad_sync()
             opt.step()
-            t2 = time.perf_counter()
-            opt_times.append(t2 - t1)
-            iter_times.append(t2 - t0)
-        state_bytes = _plain_state_bytes(opt) if kind == "plain" else opt.state_bytes()
-        rows[kind] = {"state": state_bytes, "grads": _grad_bytes(kind, opt, ddp),
-                      "opt_s": statistics.median(opt_times[1:]),
-                      "iter_s": statistics.median(iter_times[1:]),
-                      "params": sum(p.numel() for p in model.parameters())}
+            times.append(time.perf_counter() - t0)
+        state_bytes = opt.state_bytes() if kind != "plain" else sum(
+            t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
+        bucket = (opt.layout if kind != "plain" else ddp.grads.layout).buckets
+        rows[kind] = {"peak": peak[0], "after": _held(kind, opt, box.get("ddp"), params),
+                      "state": state_bytes, "iter_s": statistics.median(times[1:]),
+                      "full": sum(p.numel() for p in params) * 4,
+                      "bucket": max(b.numel for b in bucket) * 4,
+                      "largest": max(p.numel() for p in params) * 4}
     buf = io.BytesIO()
     torch.save(rows, buf)
     return buf.getvalue()
@@ -88,59 +110,77 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.2f}"
 
 
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--dp", type=int, default=2)
+    ap.add_argument("--micro", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--bucket-mb", type=float, default=1.0)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
                                                   "docs", "bench_zero_memory.md"))
     args = ap.parse_args(argv)
-    lines = [
-        "| DP | optimizer | Adam state / rank (MiB) | vs plain | grads held after step / rank (MiB) "
-        "| reduce + step (ms) | vs plain | iteration (ms) | vs plain |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    numel = None
-    for dp in args.dp:
-        blobs = run_distributed(_body, dp, args.preset, args.steps)
-        rank0 = torch.load(io.BytesIO(blobs[0]), weights_only=True)
-        numel = rank0["plain"]["params"]
-        base = rank0["plain"]
+    lines = ["| m | set-up | peak grads in backward (MiB) | vs zero1 | vs full/DP + bucket | grads after "
+             "step (MiB) | Adam state (MiB) | iteration (ms) | vs plain |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    info = None
+    for m in args.micro:
+        rank0 = torch.load(io.BytesIO(run_distributed(_body, args.dp, args.preset, args.steps, m,
+                                                      args.bucket_mb)[0]), weights_only=True)
+        info = rank0["zero2"]
+        goal = info["full"] / args.dp + info["bucket"]
         for kind, row in rank0.items():
-            lines.append(
-                f"| {dp} | {kind} | {_mib(row['state'])} | {row['state'] / base['state']:.3f} | "
-                f"{_mib(row['grads'])} | {row['opt_s'] * 1e3:.1f} | {row['opt_s'] / base['opt_s']:.2f} | "
-                f"{row['iter_s'] * 1e3:.1f} | {row['iter_s'] / base['iter_s']:.2f} |")
+            lines.append(f"| {m} | {kind} | {_mib(row['peak'])} | {row['peak'] / rank0['zero1']['peak']:.2f} | "
+                         f"{row['peak'] / goal:.2f} | {_mib(row['after'])} | {_mib(row['state'])} | "
+                         f"{row['iter_s'] * 1e3:.0f} | {row['iter_s'] / rank0['plain']['iter_s']:.2f} |")
         print("\n".join(lines[-3:]), flush=True)
-    cpu = os.cpu_count()
     text = "\n".join([
-        "# ZeRO memory: distributed optimizer vs plain AdamW",
+        "# ZeRO memory per rank during backward: DDP vs ZeRO-1 vs ZeRO-2",
         "",
-        f"Measured by `bench/bench_zero_memory.py --preset {args.preset} --steps {args.steps}`: model "
-        f"preset `{args.preset}` ({numel:,} parameters, fp32), micro batch {MICRO} × seq {SEQ} per "
-        f"rank, gloo on {cpu} CPU cores (torch {torch.__version__}), one thread per rank. Per rank, "
-        "rank 0 shown; times are medians over the steps after the first.",
+        f"Measured by `bench/bench_zero_memory.py --preset {args.preset} --dp {args.dp} --micro "
+        f"{' '.join(map(str, args.micro))} --bucket-mb {args.bucket_mb}` on {_cpu_name()} "
+        f"({os.cpu_count()} cores, torch {torch.__version__}), gloo, one thread per rank, rank 0 "
+        f"shown. Model preset `{args.preset}` (fp32 gradients: {_mib(info['full'])} MiB in full; largest "
+        f"bucket {_mib(info['bucket'])} MiB; largest single gradient {_mib(info['largest'])} MiB), micro "
+        f"batch {MICRO} x seq {SEQ}, m micro-batches per step. Peaks are the steady state (steps after "
+        "the first).",
         "",
-        "- *plain*: DistributedDataParallel (flat fp32 buffer, all-reduce) + the base AdamW.",
-        "- *zero1*: `DistributedOptimizer(zero_stage=1)`: Adam moments over 1/DP of the flat "
-        "parameters, reduce-scatter of the gradients, all-gather of the updated parameters; the "
-        "full gradient buffer stays allocated between steps.",
-        "- *zero2*: as zero1, but after the reduction only this rank's gradient range is kept and "
-        "the full buffer is freed until the next `zero_grad`.",
+        "Gradient bytes are counted by tensor accounting at every gradient hook during backward (before "
+        "and after the buffer's own hook), not after the step: the full buffer, the ZeRO-2 1/DP shard "
+        "and staging buckets, and any `.grad` autograd holds outside them.",
         "",
-        "With fp32 parameters the owned range of the parameter buffer is the master copy, so the "
-        "state is the two Adam moments (8 bytes per parameter in plain AdamW, 8/DP sharded).",
+        "- *plain*: DistributedDataParallel (flat fp32 buffer, all-reduce per bucket) + the base AdamW.",
+        "- *zero1*: the distributed optimizer: full fp32 gradient buffer, buckets reduce-scattered on the "
+        "last micro-batch, Adam state over 1/DP.",
+        "- *zero2*: no full buffer: each gradient is added into a bucket-sized staging tensor and freed, "
+        "complete buckets are reduce-scattered as backward produces them (at most one in flight) and "
+        "folded into the 1/DP shard, on every micro-batch. Accumulating over micro-batches therefore "
+        "happens in the shard and the peak does not grow with m; the price is one reduce-scatter of "
+        "the gradients per micro-batch instead of per step (DeepSpeed's ZeRO-2 trade; ZeRO-1, like "
+        "Megatron's distributed optimizer, keeps the full buffer to reduce once).",
+        "",
+        f"Goal column: peak / (full / DP + one bucket); ZeRO-2 also holds the gradient autograd hands "
+        "over for one parameter before the hook folds it into its bucket (here the largest is "
+        f"{_mib(info['largest'])} MiB, the embedding), which is why it can sit slightly above 1.",
         "",
         *lines,
         "",
-        f"DP = 4 runs 4 processes on {cpu} cores (oversubscribed), so its times measure contention "
-        "more than the algorithm; the byte counts are exact at every DP. Load average when the run "
-        f"ended: {os.getloadavg()[0]:.1f} (other jobs on the machine make the times noisy).",
+        f"Times are medians of {args.steps - 1} steps on a shared machine (load average "
+        f"{os.getloadavg()[0]:.1f} when the run ended); the byte counts are exact.",
         "",
     ])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with atomic_output(args.out, "w") as f:
         f.write(text)
     print(f"wrote {args.out}")
 

@@ -327,6 +327,10 @@ class GradBuffer:
             else:
                 handle = _reduce_scatter(payload[part], payload, self.dp_group, async_op=True)
         self._inflight.append((bucket, src, payload, part, handle))
+        if self.streaming:
+            # At most one bucket in flight besides the one being filled: bounds the staging memory.
+            while len(self._inflight) > 1:
+                self._complete(self._inflight.pop(0))
 
     def _complete(self, item) -> None:
         bucket, src, payload, part, handle = item
