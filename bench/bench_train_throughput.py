@@ -220,7 +220,7 @@ def isa_limits() -> str:
 def precision_note(args) -> str:
     if "bf16" in args.modes:
         return ""
-    return f"bf16 not run: {hardware.precision_choice('cpu').reason}."
+    return f"bf16 not run: {hardware.precision_choice('cpu').reason.split(';')[0]}."
 
 
 def write_doc(args, shapes, rows) -> None:
@@ -234,8 +234,8 @@ def write_doc(args, shapes, rows) -> None:
         f"The whole comparison ran {args.repeats} times; tok/s are from the last run, the ratio columns",
         "list every run.",
         "",
-        f"Machine: {hardware.machine().describe()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; 1-minute load average at the end: {os.getloadavg()[0]:.1f} "
+        f"Machine: {hardware.machine().describe()}, {torch.get_num_threads()} threads; "
+        f"1-minute load average at the end: {os.getloadavg()[0]:.1f} "
         "(the benchmark's own threads count; compare the ratios, not the absolute tok/s). "
         f"ISA limits: {isa_limits()}. {precision_note(args)}",
         "",
@@ -259,18 +259,20 @@ def write_doc(args, shapes, rows) -> None:
                      f"vocab {d['vocab']}, seq {d['seq']}, batch {d['batch']} ({d['batch'] * d['seq']} "
                      f"tokens/step); parameters ours {r['ours_params']:,}, HF {r['hf_params']:,}.")
     worst = min(r["ratio"] for r in rows)
-    lines += ["", f"Slowest ratio of the default path over all shapes, precisions and runs: **{worst:.2f}x**. "
-              "Median step times over the runs (ms, min–max), which show where the ratios' spread comes from:", ""]
     short = [r for r in rows if r["ratio"] < GOAL]
+    below = ""
     if short:
         r = min(short, key=lambda r: r["ratio"])
         same_gemm = r["mode"] == "fp32" and not gemm.auto_prefers_onednn()
-        lines[-2] += (f" Below the {GOAL}x goal in {len(short)} of {len(rows)} measurements, at most by "
-                      f"{100 * (1 - r['ratio'] / GOAL):.0f} % ({r['shape']} {r['mode']}, {r['ratio']:.2f}x)"
-                      + (": `auto` runs the same GEMM library as HF here (torch's; oneDNN did not measure "
-                         "1.15x faster on this machine), so ours gains only from the fused LM head + cross "
-                         "entropy, the element-wise work and the optimizer, a smaller share of the step the "
-                         "larger the GEMMs." if same_gemm else "."))
+        below = (f"Below the {GOAL}x goal in {len(short)} of {len(rows)} measurements, at most by "
+                 f"{100 * (1 - r['ratio'] / GOAL):.0f} % ({r['shape']} {r['mode']}, {r['ratio']:.2f}x)"
+                 + (": `auto` runs the same GEMM library as HF here (torch's; oneDNN did not measure "
+                    "1.15x faster on this machine), so ours gains only from the fused LM head + cross "
+                    "entropy, the element-wise work and the optimizer, a margin the size of this machine's "
+                    "run-to-run noise. " if same_gemm else ". "))
+    lines += ["", f"Slowest ratio of the default path over all shapes, precisions and runs: **{worst:.2f}x**. "
+              + below + "Median step times over the runs (ms, min–max), which show where the ratios' spread "
+              "comes from:", ""]
     for shape_name in shapes:
         for mode in args.modes:
             runs = [r for r in rows if r["shape"] == shape_name and r["mode"] == mode]
@@ -280,14 +282,16 @@ def write_doc(args, shapes, rows) -> None:
     lines += ["", "Ours (eager) is the trainer's default path: fused QKV and SwiGLU projections, "
               "`F.rms_norm`, the LM head fused with the cross entropy over row chunks "
               "(`--cross-entropy-loss-fusion`, on by default: no `[tokens, vocab]` logits) and "
-              "`--attention-backend auto` (torch's SDPA flash kernel, except in bf16 on CPUs with at most "
-              "256 keys, where the unfused softmax(QKᵀ)V is 2-3x faster than that kernel's backward) and "
+              "`--attention-backend auto` (torch's SDPA flash kernel, except on CPUs with at most 256 keys "
+              "where megatron_alcot.hardware measured the unfused softmax(QKᵀ)V faster in that precision, "
+              f"here {hardware.attention_choice(torch.float32).choice} in fp32) and "
               f"`--cpu-gemm-backend auto` (here: {'oneDNN' if gemm.auto_prefers_onednn() else 'torch'}"
               " for the fp32 GEMMs of the linear layers and the LM head, as measured by "
               f"megatron_alcot.hardware: {hardware.gemm_choice().reason.split(';')[0]}; "
               "see docs/bench_gemm.md). "
-              "`--torch-compile` additionally compiles each transformer layer; its one-time warm-up "
-              f"(compilation included) took up to {max(r['warmup_s'] for r in rows):.0f} s here.", "",
+              + ("`--torch-compile` additionally compiles each transformer layer; its one-time warm-up "
+                 f"(compilation included) took up to {max(r['warmup_s'] for r in rows):.0f} s here."
+                 if args.compile else "`--torch-compile` was not run (`--no-compile`)."), "",
               "In fp32 most of a step is GEMMs. HF's `nn.Linear` runs them in torch's default library "
               "(MKL's sgemm, which picks its kernels by CPU vendor); ours runs them in oneDNN where "
               "`auto` measured it faster. The last column is "
