@@ -61,7 +61,7 @@ HINT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16"
               "asimd", "bf16", "sve", "sve2")
 FORCEABLE = {"bf16": ("fast", "slow"), "fp16": ("fast", "slow"), "gemm": ("torch", "onednn"),
              "attention": ("sdpa", "unfused")}
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 class ProbeOverrideError(ValueError):
@@ -302,9 +302,13 @@ def _read_cache(path: str) -> Optional[Machine]:
             data = json.load(f)
         if data.get("identity") != identity():
             return None
-        return _from_json(data, f"cache {path}")
+        m = _from_json(data, f"cache {path}")
     except (OSError, ValueError, TypeError):
         return None
+    from megatron_alcot.parallel.tensor_parallel import gemm
+    if m.onednn_speedup == 0.0 and gemm.onednn_available():
+        return None                 # timed without real CPU kernels (e.g. on the meta device): retime
+    return m
 
 
 def _write_cache(path: str, m: Machine, replace: bool) -> Machine:
