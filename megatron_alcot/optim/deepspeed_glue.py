@@ -23,10 +23,13 @@ but from bf16-rounded weights: g at initialisation is sigmoid(bf16(logit 0.9)) =
 Our own ``--bf16`` (fp32 parameters, bf16 autocast) keeps the routers' weights in fp32.
 
 Supported here: ZeRO stage 0-3 (with this project's model, stage 3 goes through
-:class:`Zero3Root`, and the engine returns the output as an :class:`OutputDict`), fp32 or bf16,
-CPU offload of ZeRO-2/3 optimizer state (a DeepSpeed ``cpu_adam`` build on first use), with
-TP = PP = 1 (data parallelism only). DeepSpeed's own rules still apply: ZeRO-2/3 do not combine
-with its pipeline engine, and our lap schedules are not its pipeline engine, so PP > 1 is refused;
+:class:`Zero3Root`: every parameter stays gathered during forward and backward, so the parameter
+memory during compute is ZeRO-2's; the engine returns the output as an :class:`OutputDict`),
+fp32 or bf16, with TP = PP = 1.
+CPU/NVMe offload (``offload_optimizer`` / ``offload_param``) is refused with a clear error:
+DeepSpeed would need its compiled ``cpu_adam`` instead of the client torch AdamW. DeepSpeed runs
+data parallelism only; its own rules still apply: ZeRO-2/3 do not combine with its pipeline
+engine, and our lap schedules are not its pipeline engine, so PP > 1 is refused;
 TP > 1 would need DeepSpeed to reduce norms over our TP groups and is refused too. Use ``--use-distributed-optimizer`` (``distributed_optimizer.py``) for
 ZeRO with TP/PP. ``deepspeed`` is optional: it is imported only inside :func:`initialize_deepspeed`.
 
@@ -109,6 +112,13 @@ def build_deepspeed_config(ds_config: Union[str, dict, None], *, micro_batch_siz
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    zero = config.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        device = (zero.get(key) or {}).get("device", "none")
+        if device not in (None, "none"):
+            raise ValueError(f"DeepSpeed config zero_optimization.{key}.device = {device!r}: offload is not "
+                             "supported here (DeepSpeed then needs its compiled cpu_adam optimizer, and "
+                             "the client torch AdamW is used); remove the offload section")
     if config.get("fp16", {}).get("enabled") and config.get("bf16", {}).get("enabled"):
         raise ValueError("the DeepSpeed config enables both fp16 and bf16; choose one")
     return config
@@ -129,9 +139,12 @@ class Zero3Root(torch.nn.Module):
     """The module handed to ZeRO-3 for this project's model. Every parameter is registered as an
     external parameter of this root, so ZeRO-3 keeps it gathered for the whole forward and
     backward: the model reads some parameters outside their own module's forward (the tied LM
-    head reads the embedding weight, the no-grad target probability ``output_weight``). Optimizer
-    state, gradients and the parameters between steps stay sharded; the parameter memory during
-    compute is that of ZeRO-2."""
+    head reads the embedding weight, the no-grad target probability ``output_weight``), and with
+    only the LM-head weight registered ZeRO-3 releases a layer weight (found empty) before the
+    backward of this model reaches it: the latent laps run one layer several times per forward
+    and the layers' own autograd functions keep weights for backward. Optimizer state,
+    gradients and the parameters between steps stay sharded; the parameter memory during compute
+    is that of ZeRO-2."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()

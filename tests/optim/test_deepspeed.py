@@ -136,5 +136,11 @@ def test_config_fills_batch_and_rejects_conflicts():
                                zero_stage=3)
     with pytest.raises(ValueError, match="optimizer"):
         build_deepspeed_config({"optimizer": {"type": "AdamW"}}, micro_batch_size=1, dp_size=1)
+    for key in ("offload_optimizer", "offload_param"):
+        with pytest.raises(ValueError, match=f"{key}.device = 'cpu'.*offload is not supported"):
+            build_deepspeed_config({"zero_optimization": {"stage": 3, key: {"device": "cpu"}}},
+                                   micro_batch_size=1, dp_size=1)
+    assert build_deepspeed_config({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}},
+                                  micro_batch_size=1, dp_size=1)["zero_optimization"]["stage"] == 2
     with pytest.raises(ValueError, match="multiple"):
         build_deepspeed_config({}, micro_batch_size=3, global_batch_size=8, dp_size=2)
