@@ -67,3 +67,19 @@ def test_zero_grid_matches_one_process(world, references):
         want = references[point.get("tied", True)]
         for got, ref in zip(curves[0], want):
             assert got == pytest.approx(ref, rel=2e-5, abs=1e-6), (point, got, ref)
+
+
+def _bf16_in_world(rank, world):
+    return [_curve(train(_point(zero=z, extra=("--grad-reduce-in-bf16",)))) for z in (0, 2)]
+
+
+@pytest.mark.slow
+def test_grad_reduce_in_bf16_follows_one_process(references):
+    """--grad-reduce-in-bf16 (DDP and ZeRO-2 at DP 2): buckets travel in bf16, so the curve
+    follows the fp32 one to bf16 rounding of the gradients, not bitwise."""
+    ranks = run_distributed(_bf16_in_world, 2)
+    for curve in ranks[0]:
+        assert all(r == ranks[0] for r in ranks)
+        for got, ref in zip(curve, references[True]):
+            assert got == pytest.approx(ref, rel=2e-2), (got, ref)
+        assert curve != references[True]          # the bf16 rounding is there: the flag took effect
