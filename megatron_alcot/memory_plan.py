@@ -111,6 +111,7 @@ class ActivationBytes:
     lap_boundaries: int         # lap inputs/outputs, final norm, readout, router (outside layers)
     lm_head: int                # fused LM-head + loss buffers (last stage)
     recompute_working: int      # one layer recomputed during backward (recompute only)
+    kv_grads: int = 0           # gradients of earlier laps' keys/values, waiting during the backward
     per_lap_layers: Tuple[int, ...] = ()
 
     @property
@@ -153,8 +154,7 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
     """Activation bytes of one micro-batch on ``stage``, every token taking every lap.
     ``recomputed_layers``: how many of the stage's layers ``recompute`` applies to (``--recompute-method
     block --recompute-num-layers N``: the first N); None: all of them. ``pipelined``: the stage runs
-    under the lap pipeline (PP > 1), where each lap is its own graph and the keys/values of earlier
-    laps enter later laps as leaves whose gradients accumulate through the backward.
+    under the lap pipeline (PP > 1), where each lap is its own graph.
 
         >>> activation_bytes(cfg, stage, tp=2, micro_batch=1, recompute="full", compute_bytes=2).held
     """
@@ -180,8 +180,6 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
                          for k in range(1, laps))
     boundary = laps * 3 * n * h * residual_bytes               # lap input, final norm, readout term
     boundary += (int(pre_process) + int(post_process)) * n * h * residual_bytes   # embedding; readout sum
-    if pipelined:
-        boundary += layers * (laps - 1) * 2 * n * kv * compute_bytes   # gradients of the K/V leaves
     lm_head = 0
     if post_process:
         vocab_local = cfg.padded_vocab_size(tp) // tp
@@ -196,7 +194,10 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
             r_full, c_full = 0, 3 * q + 3 * kv
         working = n * (r_full * residual_bytes + c_full * compute_bytes) + scalars + \
             n * _attention_extra_row_elems(kv, s, laps - 1, dense_mask) * compute_bytes
-    return ActivationBytes(sum(per_lap), kv_cat, boundary, lm_head, working, tuple(per_lap))
+    # The backward of lap k hands every earlier lap the gradient of its keys/values, which waits
+    # until that lap's own backward (under PP: the K/V leaves of the lap-cut graphs).
+    kv_grads = layers * (laps - 1) * 2 * n * kv * compute_bytes
+    return ActivationBytes(sum(per_lap), kv_cat, boundary, lm_head, working, kv_grads, tuple(per_lap))
 
 
 def _peak_activations(act: ActivationBytes, in_flight: int, laps: int, late_grads: Optional[int]) -> int:
@@ -210,13 +211,11 @@ def _peak_activations(act: ActivationBytes, in_flight: int, laps: int, late_grad
     """
     ended = act.held * in_flight
     recomputing = ended - act.lm_head + act.recompute_working
-    peak = max(ended, recomputing)
-    if late_grads is not None:
-        earlier_laps = (act.held - act.lm_head) * (laps - 1) // laps
-        later = late_grads + earlier_laps + act.held * (in_flight - 1) + \
-            (act.recompute_working if laps > 1 else 0)
-        peak = max(peak, later)
-    return peak
+    # Once the last lap's backward is done: the earlier laps' activations, the gradients of their
+    # keys/values, the next recomputed layer, and the late gradients.
+    later = (act.held - act.lm_head) * (laps - 1) // laps + act.kv_grads + act.held * (in_flight - 1) + \
+        (act.recompute_working if laps > 1 else 0) + (late_grads or 0)
+    return max(ended, recomputing, later)
 
 
 # --- the plan ------------------------------------------------------------------------------------
