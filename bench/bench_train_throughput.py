@@ -181,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", default=os.path.join(ROOT, "docs", "bench_train_throughput.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
+    args.asked_modes = args.modes is not None or args.precision != "auto"
     args.modes = args.modes or precision_modes(args.precision)
     custom = {k: getattr(args, k) for k in SHAPES["quickstart"] if getattr(args, k) is not None}
     shapes = {"custom": dict(SHAPES["quickstart"], **custom)} if custom else {k: SHAPES[k] for k in args.shapes}
@@ -220,6 +221,8 @@ def isa_limits() -> str:
 def precision_note(args) -> str:
     if "bf16" in args.modes:
         return ""
+    if args.asked_modes:
+        return "bf16 not run (asked for fp32 only)."
     return f"bf16 not run: {hardware.precision_choice('cpu').reason.split(';')[0]}."
 
 
