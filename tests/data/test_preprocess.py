@@ -190,13 +190,21 @@ def test_crash_mid_run_leaves_previous_outputs(tmp_path, capsys, monkeypatch, sp
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl", "o_text_document.bin", "o_text_document.idx"]
 
 
+def _default_sigint():
+    # A suite started as a background job of a non-interactive shell inherits SIGINT ignored, and
+    # Python then never installs its KeyboardInterrupt handler; a terminal's Ctrl-C reaches a
+    # foreground tool with the default disposition, which is what this test stands for.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_while_waiting_for_input_writes_nothing(tmp_path):
     fifo = tmp_path / "in.jsonl"
     os.mkfifo(fifo)
     proc = subprocess.Popen([sys.executable, TOOL, "--input", str(fifo), "--output-prefix", str(tmp_path / "o"),
                              "--tokenizer-type", "NullTokenizer", "--vocab-size", "100", "--workers", "2",
                              "--log-interval", "1", "--chunk-bytes", "64"],
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
     # Never hang the suite if the tool stops responding: kill its workers too, since they hold the
     # stderr pipe open and the readline below would otherwise wait for them forever.
     watchdog = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))
