@@ -16,14 +16,13 @@ Stages (each records its result or its error on the page; one failing stage does
 3. ``alcot``: the same shape with ℓmax 3 under learned halting (routers that halt tokens at
    different steps) and fixed halting (every token runs 3 steps); time per model FLOP against the
    vanilla run's, i.e. step time against the FLOPs ideal.
-4. ``memory``: peak allocated memory of stages 2 and 3, and the memory planner's prediction when
-   this checkout has ``megatron_alcot/memory_plan.py``.
+4. ``memory``: peak allocated memory of stages 2 and 3 against the memory planner's prediction
+   (``megatron_alcot/memory_plan.py``) for the same shape.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import math
 import os
 import platform
@@ -229,14 +228,35 @@ def stage_alcot(device, args, results):
     results["alcot"] = dict(layers=cfg.num_layers, micro_batch=mb, seq=cfg.seq_length, rows=rows)
 
 
+def _planned_peak(cfg, micro_batch, device):
+    """The memory planner's per-rank peak for this single-process run (fp32 AdamW, bf16 autocast)."""
+    from megatron_alcot.arguments import parse_args
+    from megatron_alcot.memory_plan import plan_memory
+
+    flags = ["--num-layers", cfg.num_layers, "--hidden-size", cfg.hidden_size,
+             "--num-attention-heads", cfg.num_attention_heads, "--ffn-hidden-size", cfg.ffn_hidden_size,
+             "--seq-length", cfg.seq_length, "--micro-batch-size", micro_batch,
+             "--global-batch-size", micro_batch, "--vocab-size", cfg.vocab_size,
+             "--tokenizer-type", "NullTokenizer", "--mock-data", "--train-iters", 1, "--bf16",
+             "--latent-method", cfg.latent_method, "--latent-max-steps", cfg.latent_max_steps]
+    if cfg.untie_embeddings_and_output_weights:
+        flags.append("--untie-embeddings-and-output-weights")
+    args = parse_args([str(f) for f in flags])
+    return plan_memory(args, world_size=1, device=device.type).peak_bytes
+
+
 def stage_memory(device, args, results):
     measured = []
     for row in results.get("mfu", {}).get("rows", []):
-        measured.append(("vanilla" + (" compiled" if row["compiled"] else ""), row["peak_bytes"]))
+        shape = train_shape(args.smoke, args.layers, "vanilla", args.micro_batch)
+        measured.append(("vanilla" + (" compiled" if row["compiled"] else ""), row["peak_bytes"],
+                         _planned_peak(*shape, device)))
+    methods = {"vanilla (reference)": "vanilla"}
     for row in results.get("alcot", {}).get("rows", []):
-        measured.append((row["name"], row["peak_bytes"]))
-    planner = importlib.util.find_spec("megatron_alcot.memory_plan") is not None
-    results["memory"] = dict(measured=measured, planner=planner)
+        shape = train_shape(args.smoke, args.alcot_layers, methods.get(row["name"], "alcot"),
+                            args.alcot_micro_batch)
+        measured.append((row["name"], row["peak_bytes"], _planned_peak(*shape, device)))
+    results["memory"] = dict(measured=measured)
 
 
 # --- page --------------------------------------------------------------------------------------
@@ -283,11 +303,14 @@ def write_page(path, device, args, results, errors, started):
         lines.append("")
     mem = results.get("memory")
     if mem:
-        lines += ["## 4. Peak memory", "", "| run | peak allocated |", "|---|---|"]
-        lines += [f"| {n} | {_gib(b)} |" for n, b in mem["measured"]]
-        lines += ["", "Memory planner: " + ("present in this checkout; its prediction is not "
-                                            "compared here yet." if mem["planner"] else
-                                            "not in this checkout; no prediction to compare."), ""]
+        lines += ["## 4. Peak memory against the memory planner", "",
+                  "The plan (`megatron_alcot/memory_plan.py`, `tools/plan_memory.py`) is for the same shape "
+                  "trained by `pretrain_alcot.py` on one device: fp32 parameters and AdamW, bf16 autocast.", "",
+                  "| run | peak allocated | planned | measured / planned |", "|---|---|---|---|"]
+        for n, b, plan in mem["measured"]:
+            ratio = "n/a" if b is None else f"{b / plan:.2f}"
+            lines.append(f"| {n} | {_gib(b)} | {_gib(plan)} | {ratio} |")
+        lines.append("")
     if errors:
         lines += ["## Errors", ""] + [f"- `{k}`: {v}" for k, v in errors.items()] + [""]
     with atomic_output(path, "w") as f:
