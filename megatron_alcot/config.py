@@ -79,7 +79,7 @@ class ModelConfig:
     latent_loss_scope: str = "continued"      # --latent-loss-scope {continued,decided}: penalise k < ℓ_t, or every decision incl. the halting one
     latent_readout: str = "hidden"            # --latent-readout {hidden,prob}
     latent_embed_scale: Optional[float] = None  # --latent-embed-scale; None: sqrt(2.5·h), pause/ponder sqrt(h)
-    latent_prob_chunk: int = 4096             # --latent-prob-chunk (rows per no-grad target-prob chunk)
+    latent_prob_chunk: Optional[int] = None   # --latent-prob-chunk (rows per no-grad target-prob chunk; None: by device)
     cross_entropy_loss_fusion: bool = True    # --no-cross-entropy-loss-fusion: LM head + CE in cache-sized row chunks, no [n, V] logits
 
     # --- derived ---------------------------------------------------------------
@@ -130,11 +130,11 @@ class ModelConfig:
     def validate(self, parallel: "ParallelConfig | None" = None) -> None:
         """Raise ConfigError (naming the flag) for any inconsistent value; no compute happens first."""
         positive = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length",
-                    "make_vocab_size_divisible_by", "latent_prob_chunk")
+                    "make_vocab_size_divisible_by")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
-        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "init_method_std"):
+        for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "init_method_std", "latent_prob_chunk"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{_flag(name)} must be positive when set, got {value}")

@@ -169,3 +169,18 @@ def test_chunked_target_logprob_same_in_both_libraries():
         got = chunked_target_logprob(h, w, target, chunk_rows=64, chunk_vocab=100, vocab_size=300,
                                      gemm_backend=backend)
         assert (got.double() - ref).abs().max() < 1e-5
+
+
+def test_target_logprob_chunks_sized_by_device():
+    from megatron_alcot.parallel.tensor_parallel.cross_entropy import (chunked_target_logprob,
+                                                                       target_prob_chunk_rows)
+    assert target_prob_chunk_rows("cpu", 4096) == 4096          # the quickstart's vocabulary
+    assert target_prob_chunk_rows("cpu", 50304) * 50304 * 4 <= 64 << 20
+    assert target_prob_chunk_rows("cuda", 50304) >= 4096
+    g = torch.Generator().manual_seed(7)
+    h, w = torch.randn(300, 16, generator=g), torch.randn(200, 16, generator=g) * 0.2
+    target = torch.randint(0, 200, (300,), generator=g)
+    ref = torch.log_softmax(h.double() @ w.double().t(), -1).gather(-1, target[:, None]).squeeze(-1)
+    for rows in (None, 7, 300):                  # device-sized default and explicit chunks agree
+        got = chunked_target_logprob(h, w, target, chunk_rows=rows, gemm_backend="torch")
+        assert (got.double() - ref).abs().max() < 1e-5
