@@ -10,11 +10,10 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-import plan_memory as tool  # noqa: E402
+from megatron_alcot import memory_plan_cli as tool  # noqa: E402
 
 from megatron_alcot.arguments import parse_args  # noqa: E402
 from megatron_alcot.config import ParallelConfig  # noqa: E402

@@ -16,6 +16,7 @@ WRAPPERS = {
     "tools/checkpoint/convert_to_hf.py": "megatron_alcot.hf.convert_to_hf",
     "tools/checkpoint/convert_from_hf.py": "megatron_alcot.hf.convert_from_hf",
     "tools/lm_eval.py": "megatron_alcot.evaluation.lm_eval_cli",
+    "tools/plan_memory.py": "megatron_alcot.memory_plan_cli",
 }
 
 
