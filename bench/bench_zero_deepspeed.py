@@ -39,7 +39,12 @@ from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 OPTIM = OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
 MICRO, SEQ = 2, 64
-SETUPS = ("ds-zero1", "ds-zero2", "ds-zero3", "native-zero1", "native-zero2")
+SETUPS = ("ds-zero1", "ds-zero2", "ds-zero3", "ds-zero3-release", "native-zero1", "native-zero2")
+# DeepSpeed keeps a parameter gathered when it is used again within stage3_max_reuse_distance
+# elements (default 1e9) and prefetches stage3_prefetch_bucket_size (5e7) ahead: for a model this
+# small that is every parameter. "ds-zero3-release" sets both to 0 (and partitions small ones too).
+RELEASE = {"stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0,
+           "stage3_param_persistence_threshold": 0}
 
 
 class ParamMeter:
@@ -113,10 +118,11 @@ def _body(rank, world, preset_name, steps):
         torch.manual_seed(0)
         model = build_model(cfg)
         full = sum(p.numel() * p.element_size() for p in model.parameters())
-        stage = int(setup[-1])
+        stage = int(setup.split("-")[1][-1])
         if setup.startswith("ds"):
             engine, opt = initialize_deepspeed(
-                model, None, {"steps_per_print": 10 ** 9, "wall_clock_breakdown": False},
+                model, None, {"steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+                              "zero_optimization": RELEASE if setup.endswith("release") else {}},
                 lr=OPTIM.lr, weight_decay=OPTIM.weight_decay, clip_grad=OPTIM.clip_grad,
                 micro_batch_size=MICRO, global_batch_size=MICRO * world, zero_stage=stage)
         else:
@@ -199,10 +205,17 @@ def main(argv=None) -> None:
         "",
         *lines,
         "",
-        "DeepSpeed ZeRO-3 goes through `Zero3Root` (`optim/deepspeed_glue.py`): every parameter is "
-        "registered as an external parameter of the root module, so all of them are gathered for the "
-        "whole forward and backward and its peak equals full parameters plus the 1/DP partition; it "
-        "shards only between steps and in the optimizer.",
+        "DeepSpeed ZeRO-3 goes through `Zero3Root` (`optim/deepspeed_glue.py`): only the parameters "
+        "read outside their own module's forward (LM head / embedding, routers) are external to the "
+        "root and stay gathered through forward and backward; every other module's parameters are "
+        "gathered for its forward and for the backward of each of its calls (each lap) and released "
+        "after. *ds-zero3* runs DeepSpeed's defaults: a parameter reused within "
+        "`stage3_max_reuse_distance` (1e9 elements) is not released and `stage3_prefetch_bucket_size` "
+        "(5e7) is prefetched, which at this model size is all of them, so its peak is the full "
+        "parameters plus the 1/DP partitions (`ds_tensor`). *ds-zero3-release* sets "
+        f"{', '.join(f'`{k}` = {v}' for k, v in RELEASE.items())}: the peak is the partitions plus "
+        "the external parameters plus one module's weights. At real sizes the defaults release too "
+        "(a layer is next used one lap later, about the decoder's size away: above 1e9 elements for the 1.4B model).",
         "",
         f"Load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the run (a shared "
         "machine; the byte counts do not depend on it).",

@@ -23,8 +23,11 @@ but from bf16-rounded weights: g at initialisation is sigmoid(bf16(logit 0.9)) =
 Our own ``--bf16`` (fp32 parameters, bf16 autocast) keeps the routers' weights in fp32.
 
 Supported here: ZeRO stage 0-3 (with this project's model, stage 3 goes through
-:class:`Zero3Root`: every parameter stays gathered during forward and backward, so the parameter
-memory during compute is ZeRO-2's; the engine returns the output as an :class:`OutputDict`),
+:class:`Zero3Root`: each module's parameters are gathered for its forward and for the backward of
+each of its calls and released after; the LM head/embedding and the routers stay gathered through
+forward and backward; the engine returns the output as an :class:`OutputDict`. DeepSpeed keeps a
+parameter gathered when it is used again within ``stage3_max_reuse_distance`` elements, default
+1e9, and a layer is used again one lap later: set it lower for small models),
 fp32 or bf16, with TP = PP = 1.
 CPU/NVMe offload (``offload_optimizer`` / ``offload_param``) is refused with a clear error:
 DeepSpeed would need its compiled ``cpu_adam`` instead of the client torch AdamW. DeepSpeed runs
@@ -136,15 +139,14 @@ class OutputDict(dict):
 
 
 class Zero3Root(torch.nn.Module):
-    """The module handed to ZeRO-3 for this project's model. Every parameter is registered as an
-    external parameter of this root, so ZeRO-3 keeps it gathered for the whole forward and
-    backward: the model reads some parameters outside their own module's forward (the tied LM
-    head reads the embedding weight, the no-grad target probability ``output_weight``), and with
-    only the LM-head weight registered ZeRO-3 releases a layer weight (found empty) before the
-    backward of this model reaches it: the latent laps run one layer several times per forward
-    and the layers' own autograd functions keep weights for backward. Optimizer state,
-    gradients and the parameters between steps stay sharded; the parameter memory during compute
-    is that of ZeRO-2."""
+    """The module handed to ZeRO-3 for this project's model. ZeRO-3 gathers a module's own
+    parameters in its forward pre-hook and releases them after; the parameters the model reads
+    outside their module's forward (the LM head and embedding weights, the routers) are
+    registered as external parameters of this root, so they stay gathered for the whole forward
+    and backward. The latent laps call each layer several times per forward:
+    :meth:`track_backward_per_call` makes ZeRO-3 release a layer after the backward of each call
+    (its pre-backward hook gathers it again for the next). Optimizer state, gradients and the
+    parameters between steps stay sharded."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
@@ -158,14 +160,74 @@ class Zero3Root(torch.nn.Module):
         except AttributeError:
             return getattr(self._modules["model"], name)
 
-    def register_all_external(self) -> None:
+    def outside_forward_parameters(self):
+        """The parameters the model reads outside their own module's forward: the LM head and
+        embedding weights (``lm_head``, the tied head, the target probability, PonderLM's
+        embedding mix) and the routers (``Routers.continue_prob``)."""
+        from megatron_alcot.model.router import Routers  # noqa: PLC0415
+        params = {}
+        for module in self.model.modules():
+            if isinstance(module, Routers):
+                params.update((id(p), p) for p in module.parameters())
+            for name in ("output_layer", "embedding"):
+                child = module._modules.get(name)
+                if child is not None and hasattr(module, "output_weight"):
+                    params.update((id(p), p) for p in child.parameters())
+        return list(params.values())
+
+    def register_external(self) -> None:
         import deepspeed  # noqa: PLC0415
-        for param in self.model.parameters():
+        for param in self.outside_forward_parameters():
             deepspeed.zero.register_external_parameter(self, param)
 
+    def track_backward_per_call(self) -> None:
+        """Let ZeRO-3 release a module's parameters after the backward of each of its calls.
+
+        DeepSpeed counts, per module, the inputs whose gradients are still to come
+        (``ds_grads_remaining``) and releases the module's parameters when the count reaches 0;
+        it restarts the count at every forward call. A latent lap calls each layer again, so the
+        count only matches the last call, and after that call's backward the layer stayed
+        gathered for the rest of the backward. Each call's outputs carry a node that, when the
+        backward of that call begins, sets the count to that call's own number of inputs."""
+        for module in self.model.modules():
+            module.register_forward_hook(_mark_call_inputs)
+
     def forward(self, *args, **kwargs):
+        for module in self.model.modules():          # a forward without backward leaves counts
+            if "ds_grads_remaining" in module.__dict__:
+                module.ds_grads_remaining = 0
         out = self.model(*args, **kwargs)
         return OutputDict(vars(out)) if dataclasses.is_dataclass(out) else out
+
+
+class _ResetGradsRemaining(torch.autograd.Function):
+    """Identity on a module's output; its backward sets ``module.ds_grads_remaining`` to the
+    number of inputs of the call that produced the output (see Zero3Root.track_backward_per_call)."""
+
+    @staticmethod
+    def forward(ctx, x, module, count):
+        ctx.module, ctx.count = module, count
+        return x.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.module.ds_grads_remaining = ctx.count
+        return grad, None, None
+
+
+def _mark_call_inputs(module, args, out):
+    count = module.__dict__.get("ds_grads_remaining", 0)
+    if not count:
+        return None
+    mark = lambda t: _ResetGradsRemaining.apply(t, module, count) \
+        if torch.is_tensor(t) and t.requires_grad else t  # noqa: E731
+    if torch.is_tensor(out):
+        return mark(out)
+    if isinstance(out, (tuple, list)):
+        return type(out)(mark(t) for t in out)
+    if isinstance(out, dict):
+        return type(out)((k, mark(t)) for k, t in out.items())
+    return None
 
 
 def _is_project_model(model: torch.nn.Module) -> bool:
@@ -221,7 +283,8 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
                                    foreach=True)
     engine, optimizer, _, _ = deepspeed.initialize(model=root, optimizer=client, config=config)
     if isinstance(root, Zero3Root):
-        root.register_all_external()
+        root.register_external()
+        root.track_backward_per_call()
     return engine, optimizer
 
 
