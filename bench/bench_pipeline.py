@@ -79,6 +79,18 @@ def _halting(kind, m):
     return [_StopAfter(int(k)) for k in torch.randint(0, LMAX + 1, (m,), generator=g)]
 
 
+def _total_laps(kind, m):
+    """Laps all ``m`` micro-batches make under :func:`_halting`'s ``kind`` (fixed-lap kinds only
+    and "uneven"; None for learned halting)."""
+    if kind == "one":
+        return m
+    if kind == "never":
+        return m * (LMAX + 1)
+    if kind == "uneven":
+        return sum(h.k + 1 for h in _halting(kind, m))
+    return None
+
+
 def _random_routers(model):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -225,7 +237,8 @@ def main(argv=None) -> None:
 
     # 2. bubble
     bub_lines = ["| PP | halting | order | live limit | m | replayed idle | wall-clock idle | "
-                 "analytic (P-1)/(m+P-1) | replayed / analytic |", "|---|---|---|---|---|---|---|---|---|"]
+                 "analytic (P-1)/(m+P-1) | replayed / analytic | lap analytic (P-1)/(n+P-1) | replayed / "
+                 "lap analytic |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for pp in (2, 4):
         cases = [{"order": o, "m": m, "halting": h, "limit": lim}
                  for h in ("one", "never", "uneven") for o, lim in (("1f1b", None), ("1f1b", pp), ("gpipe", None))
@@ -235,10 +248,13 @@ def main(argv=None) -> None:
             replayed = replayed_idle([res[r][i]["slots"] for r in range(pp)])
             wall = statistics.mean(1 - res[r][i]["busy"] / res[r][i]["total"] for r in range(pp))
             analytic = (pp - 1) / (c["m"] + pp - 1)
+            laps = _total_laps(c["halting"], c["m"])     # n: lap passes through the ring
+            lap_analytic = (pp - 1) / (laps + pp - 1)
             label = {"one": "one lap", "never": "fixed laps (3)", "uneven": "uneven laps"}[c["halting"]]
             limit = max_in_flight_microbatches(pp, 0, c["m"], c.get("limit"), c["order"])
             bub_lines.append(f"| {pp} | {label} | {c['order']} | {limit} | {c['m']} | {replayed:.3f} | "
-                             f"{wall:.3f} | {analytic:.3f} | {replayed / analytic:.2f} |")
+                             f"{wall:.3f} | {analytic:.3f} | {replayed / analytic:.2f} | {lap_analytic:.3f} | "
+                             f"{replayed / lap_analytic:.2f} |")
         print("\n".join(bub_lines), flush=True)
 
     # 3. step time PP = 2 (two processes, one thread each) vs PP = 1 (one process, two threads)
@@ -288,7 +304,7 @@ def main(argv=None) -> None:
         "",
         *bub_lines,
         "",
-        "With one lap the schedule's idle fraction is the analytic one; with fixed laps it is lower (the ring acts like interleaved virtual stages). With uneven lap counts 1F1B idles more than the analytic figure (the eager backward of a finished micro-batch takes backward slots while longer micro-batches still lap the forward ring), while GPipe order stays near it at memory that grows with m. Halving the live limit to P costs far more than it saves.",
+        "With one lap the schedule's idle fraction is the analytic one; with fixed laps it is the analytic figure counted in lap passes, (P-1)/(n+P-1) with n = m·(ℓmax + 1) laps through the ring, so lower than a plain pipeline's (the ring pipelines laps like interleaved virtual stages). With uneven lap counts 1F1B idles more than the analytic figure (the eager backward of a finished micro-batch takes backward slots while longer micro-batches still lap the forward ring), while GPipe order stays near it at memory that grows with m. Halving the live limit to P costs far more than it saves.",
         "",
         "## Step time, same cores",
         "",
