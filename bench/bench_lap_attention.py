@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.model.attention_backends import core_attention, resolve_backend  # noqa: E402
 from megatron_alcot.model.compaction import Compaction  # noqa: E402
 from megatron_alcot.model.lap_attention import LapMask  # noqa: E402
@@ -124,7 +124,7 @@ def write_doc(args, rows) -> None:
         "has no CPU backward, so it appears in the `infer` columns only; `flex eager` is its",
         "reference implementation, `flex compiled` its `torch.compile` kernel (compilation excluded).",
         "",
-        f"Machine: {platform.machine()} ({_cpu_name()}), {torch.get_num_threads()} threads, "
+        f"Machine: {hardware.describe_cpu()}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}.",
         "",
         "| layout | dtype | `[b, 1, m, M]` | " + " | ".join(names) + " |",
@@ -158,17 +158,6 @@ def write_doc(args, rows) -> None:
 def _span(rows, name) -> str:
     ratios = [ms[name] / ms["infer sdpa"] for *_, ms in rows if name in ms]
     return f"{min(ratios):.2f}x to {max(ratios):.2f}x" if ratios else "n/a"
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

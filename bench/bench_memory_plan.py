@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import re
 import shlex
 import socket
@@ -33,6 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 BASE = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4", "--ffn-hidden-size", "384",
@@ -165,17 +165,6 @@ def compare(argv, world: int) -> dict:
             "worst": max(ratios, key=lambda x: abs(x - 1.0)), "activation_share": acts, "plan_obj": plan}
 
 
-def _machine() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        model = fields.get("Model name", "").strip()
-        cpus = fields.get("CPU(s)", "").strip()
-        return f"{model}, {cpus} CPUs (lscpu)"
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-
-
 def script_flags(script: str) -> list:
     """The pretrain flags a Slurm script passes, read from its ``DRY_RUN=1`` srun line."""
     env = dict(os.environ, DRY_RUN="1", TOKENIZER_MODEL="tokenizer.model", PYTHON=sys.executable)
@@ -292,7 +281,7 @@ def main(argv=None) -> None:
     text = "\n".join([
         "# Memory plan vs measured peak",
         "",
-        f"Measured by `bench/bench_memory_plan.py --rows {opts.rows}` on {_machine()}, torch "
+        f"Measured by `bench/bench_memory_plan.py --rows {opts.rows}` on {hardware.describe_cpu()}, torch "
         f"{torch.__version__}, gloo, one thread per rank ({time.time() - started:.0f} s in all).",
         "",
         "Each row trains the same model (4 layers, hidden 128, 4 heads, FFN 384, vocabulary 512, "

@@ -24,7 +24,6 @@ import argparse
 import io
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from dist_utils import run_distributed  # noqa: E402
 
+from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.config import ParallelConfig  # noqa: E402
 from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.model.pipeline_split import build_pipeline_stage  # noqa: E402
@@ -200,16 +200,6 @@ def _pp1_step_time(m, repeats, threads):
     return statistics.median(times)
 
 
-def _machine() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines()
-                      if line.startswith("Model name")), "unknown CPU")
-    except OSError:
-        model = "unknown CPU"
-    return f"{model}, {os.cpu_count()} cores visible"
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--micro-batches", type=int, nargs="+", default=[4, 8, 32])
@@ -275,7 +265,7 @@ def main(argv=None) -> None:
     text = "\n".join([
         "# Pipeline schedule: memory, bubble and step time",
         "",
-        f"Measured by `bench/bench_pipeline.py` on {_machine()} (torch {torch.__version__}), gloo, one "
+        f"Measured by `bench/bench_pipeline.py` on {hardware.describe_cpu()} (torch {torch.__version__}), gloo, one "
         f"thread per stage. Model: preset `tiny` with {cfg.num_layers} layers (hidden {cfg.hidden_size}), "
         f"ALCoT ℓmax {LMAX}, micro-batch {B} x {S} tokens, fp32. The machine was shared with other jobs "
         f"(load average {load_start:.1f} at the start, {load_end:.1f} at the end), so wall-clock numbers "

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import subprocess
 import sys
 import weakref
 
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from dist_utils import run_distributed_hard_exit  # noqa: E402
 
+from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.config import OptimizerConfig  # noqa: E402
 from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
@@ -160,12 +160,6 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.2f}"
 
 
-def _lscpu() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return f"{fields.get('Model name', '?').strip()} ({fields.get('CPU(s)', '?').strip()} CPUs)"
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -190,7 +184,7 @@ def main(argv=None) -> None:
         "# Parameter memory per rank: DeepSpeed ZeRO-1/2/3 vs native ZeRO-1/2",
         "",
         f"Measured by `DS_ACCELERATOR=cpu bench/bench_zero_deepspeed.py --preset {args.preset} --dp "
-        f"{args.dp} --steps {args.steps}` on {_lscpu()}, torch {torch.__version__}, gloo, one thread "
+        f"{args.dp} --steps {args.steps}` on {hardware.describe_cpu()}, torch {torch.__version__}, gloo, one thread "
         f"per rank, rank 0 shown; fp32, micro batch {MICRO} x seq {SEQ}, one micro-batch per step, "
         f"model preset `{args.preset}` ({_mib(full)} MiB of fp32 parameters). Peaks are taken over the "
         "steps after the first.",

@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -28,6 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from dist_utils import run_distributed  # noqa: E402
 
+from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.config import OptimizerConfig  # noqa: E402
 from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
@@ -110,17 +109,6 @@ def _mib(n: int) -> str:
     return f"{n / 2 ** 20:.2f}"
 
 
-def _cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -149,8 +137,8 @@ def main(argv=None) -> None:
         "# ZeRO memory per rank during backward: DDP vs ZeRO-1 vs ZeRO-2",
         "",
         f"Measured by `bench/bench_zero_memory.py --preset {args.preset} --dp {args.dp} --micro "
-        f"{' '.join(map(str, args.micro))} --bucket-mb {args.bucket_mb}` on {_cpu_name()} "
-        f"({os.cpu_count()} cores, torch {torch.__version__}), gloo, one thread per rank, rank 0 "
+        f"{' '.join(map(str, args.micro))} --bucket-mb {args.bucket_mb}` on {hardware.describe_cpu()} "
+        f"(torch {torch.__version__}), gloo, one thread per rank, rank 0 "
         f"shown. Model preset `{args.preset}` (fp32 gradients: {_mib(info['full'])} MiB in full; largest "
         f"bucket {_mib(info['bucket'])} MiB; largest single gradient {_mib(info['largest'])} MiB), micro "
         f"batch {MICRO} x seq {SEQ}, m micro-batches per step. Peaks are the steady state (steps after "

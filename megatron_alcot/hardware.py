@@ -49,7 +49,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from megatron_alcot.utils.atomic import fsync_path, remove_quietly, temp_path_for
 
@@ -145,6 +144,16 @@ def identity() -> Dict[str, object]:
             "isa": [f for f in HINT_FLAGS if f in flags], "torch": torch.__version__,
             "isa_env": {k: os.environ.get(k, "") for k in ISA_ENV},
             "version": CACHE_VERSION}
+
+
+def describe_cpu() -> str:
+    """The CPU as bench pages name it, without measuring anything: ``AMD EPYC [avx2 fma avx512f
+    avx512_bf16], 2 CPUs`` (model, the ISA flags that decide kernels, ISA limits set in the
+    environment, CPUs visible)."""
+    ident = identity()
+    limits = " ".join(f"{k}={v}" for k, v in ident["isa_env"].items() if v)
+    flags = " ".join(ident["isa"]) or "no listed ISA flags"
+    return f"{ident['cpu']} [{flags}{' limited by ' + limits if limits else ''}], {os.cpu_count()} CPUs"
 
 
 def cache_path(ident: Optional[Dict[str, object]] = None) -> str:

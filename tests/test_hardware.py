@@ -236,3 +236,14 @@ def test_the_probe_times_real_kernels_when_first_called_while_building_on_meta(m
     finally:
         gemm.onednn_available.cache_clear()
     assert (m.onednn_speedup > 0) == gemm.onednn_available()
+
+
+def test_describe_cpu_names_model_isa_and_limits(monkeypatch):
+    from megatron_alcot import hardware
+    model, _ = hardware._cpuinfo()
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    plain = hardware.describe_cpu()
+    assert plain.startswith(model + " [") and "limited by" not in plain
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert "limited by ATEN_CPU_CAPABILITY=avx2" in hardware.describe_cpu()
