@@ -57,7 +57,7 @@ def evaluate(model, batches):
         steps.append(out.num_steps.flatten())
     model.train()
     steps = torch.cat(steps)
-    k = model.config.num_latent_steps
+    k = model.config.max_latent_steps
     return (sum(losses) / len(losses), steps.float().mean().item(),
             torch.bincount(steps, minlength=k + 1).tolist())
 

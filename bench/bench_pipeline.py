@@ -37,7 +37,7 @@ from megatron_alcot.config import ParallelConfig  # noqa: E402
 from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.model.pipeline_split import build_pipeline_stage  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
-from megatron_alcot.parallel import state  # noqa: E402
+from megatron_alcot.parallel import parallel_state  # noqa: E402
 from megatron_alcot.training.pipeline_schedule import (ScheduleStats,  # noqa: E402
                                                        forward_backward_pipelining_with_laps,
                                                        max_in_flight_microbatches)
@@ -133,7 +133,7 @@ class _Held:
 
 def _pipeline_body(rank, world, cases):
     torch.set_num_threads(1)
-    state.initialize_model_parallel(pipeline_model_parallel_size=world)
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world)
     out = []
     for case in cases:
         stage = build_pipeline_stage(_cfg(), ParallelConfig(pipeline_model_parallel_size=world), seed=SEED)

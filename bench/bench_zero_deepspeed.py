@@ -34,7 +34,7 @@ from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
 from megatron_alcot.optim.deepspeed_glue import initialize_deepspeed  # noqa: E402
 from megatron_alcot.optim.distributed_optimizer import build_distributed_optimizer  # noqa: E402
-from megatron_alcot.parallel import state  # noqa: E402
+from megatron_alcot.parallel import parallel_state  # noqa: E402
 from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 OPTIM = OptimizerConfig(lr=1e-3, weight_decay=0.1, clip_grad=1.0)
@@ -108,7 +108,7 @@ def _ds_optimizer_bytes(opt) -> int:
 
 def _body(rank, world, preset_name, steps):
     torch.set_num_threads(1)
-    state.initialize_model_parallel(1, 1)
+    parallel_state.initialize_model_parallel(1, 1)
     cfg = preset(preset_name, seq_length=SEQ)
     g = torch.Generator().manual_seed(rank)
     data = [(torch.randint(0, cfg.vocab_size, (MICRO, SEQ), generator=g),

@@ -32,7 +32,7 @@ from megatron_alcot.model import build_model  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
 from megatron_alcot.optim import build_optimizer  # noqa: E402
 from megatron_alcot.optim.distributed_optimizer import build_distributed_optimizer  # noqa: E402
-from megatron_alcot.parallel import state  # noqa: E402
+from megatron_alcot.parallel import parallel_state  # noqa: E402
 from megatron_alcot.training.ddp import DistributedDataParallel  # noqa: E402
 from megatron_alcot.training.schedules import forward_backward_no_pipelining  # noqa: E402
 from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
@@ -53,7 +53,7 @@ def _held(kind, opt, ddp, params) -> int:
 
 
 def _body(rank, world, preset_name, steps, micro, bucket_mb):
-    state.initialize_model_parallel(1, 1)
+    parallel_state.initialize_model_parallel(1, 1)
     cfg = preset(preset_name, seq_length=SEQ)
     g = torch.Generator().manual_seed(rank)
     data = [(torch.randint(0, cfg.vocab_size, (MICRO, SEQ), generator=g),
@@ -70,7 +70,7 @@ def _body(rank, world, preset_name, steps, micro, bucket_mb):
         for p in params:                      # before the buffer's hook: autograd's .grad is alive
             p.register_post_accumulate_grad_hook(account)
         if kind == "plain":
-            ddp = DistributedDataParallel(model, state.get_data_parallel_group(), bucket_size_mb=bucket_mb)
+            ddp = DistributedDataParallel(model, parallel_state.get_data_parallel_group(), bucket_size_mb=bucket_mb)
             opt, wrapped = build_optimizer(model, OPTIM), ddp
             box["ddp"] = ddp
         else:

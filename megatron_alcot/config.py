@@ -119,7 +119,7 @@ class ModelConfig:
         return math.sqrt(2.5 * self.hidden_size)
 
     @property
-    def num_latent_steps(self) -> int:
+    def max_latent_steps(self) -> int:
         """Extra steps per token: 0 for vanilla, ℓmax (or K) otherwise."""
         return 0 if self.latent_method == "vanilla" else self.latent_max_steps
 

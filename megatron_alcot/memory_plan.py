@@ -58,8 +58,8 @@ class StageParams:
 @contextlib.contextmanager
 def _tensor_parallel_rank(tp: int, tp_rank: int) -> Iterator[None]:
     """The process-group registry as a TP rank would see it, with no communicator (meta builds)."""
-    from megatron_alcot.parallel import state
-    reg = state._REGISTRY
+    from megatron_alcot.parallel import parallel_state
+    reg = parallel_state._REGISTRY
     if reg.initialized:
         raise RuntimeError("plan the memory outside a training process (model-parallel groups exist)")
     saved = replace(reg)
@@ -159,7 +159,7 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
         >>> activation_bytes(cfg, stage, tp=2, micro_batch=1, recompute="full", compute_bytes=2).held
     """
     cfg = model_cfg
-    laps = cfg.num_latent_steps + 1 if laps is None else laps
+    laps = cfg.max_latent_steps + 1 if laps is None else laps
     s = cfg.seq_length
     n = micro_batch * s
     h, d = cfg.hidden_size, cfg.head_dim
@@ -419,7 +419,7 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
         for n in names:
             values[n].append(int(vals[n]))
         in_flight_all.append(in_flight)
-        transient = grads - late + _peak_activations(act, in_flight, m.num_latent_steps + 1, late or None)
+        transient = grads - late + _peak_activations(act, in_flight, m.max_latent_steps + 1, late or None)
         totals.append(params + copies + opt + transient + comm + vals["runtime reserve"])
     if zero == 2 and engine == "distributed-optimizer":
         notes.append("gradients under ZeRO-2: " + ("staging buckets held until the end of the lap-cut "

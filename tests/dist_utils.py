@@ -105,8 +105,8 @@ def _worker(rank, world_size, port, fn, args, queue, nccl_like=False):
         queue.put((rank, "error", traceback.format_exc()))
     finally:
         try:
-            from megatron_alcot.parallel import state
-            state.destroy_model_parallel()
+            from megatron_alcot.parallel import parallel_state
+            parallel_state.destroy_model_parallel()
         except Exception:
             pass
         if dist.is_initialized():

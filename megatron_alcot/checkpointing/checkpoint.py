@@ -84,7 +84,7 @@ from megatron_alcot.checkpointing.metadata import (FORMAT_VERSION, LATEST_FILE, 
 from megatron_alcot.checkpointing.reshard import (ShardReader, fit_vocab, global_shape,
                                                   is_vocab_tensor, layer_index, merged_tensor,
                                                   partition_info, shard_tensor, to_global_name)
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 
 logger = logging.getLogger(__name__)
 TIED_SOURCE = "embedding.word_embeddings.weight"
@@ -102,12 +102,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _coords() -> dict:
-    return {"tp": state.get_tensor_model_parallel_rank(),
-            "pp": state.get_pipeline_model_parallel_rank(),
-            "dp": state.get_data_parallel_rank(),
-            "tp_size": state.get_tensor_model_parallel_world_size(),
-            "pp_size": state.get_pipeline_model_parallel_world_size(),
-            "dp_size": state.get_data_parallel_world_size()}
+    return {"tp": parallel_state.get_tensor_model_parallel_rank(),
+            "pp": parallel_state.get_pipeline_model_parallel_rank(),
+            "dp": parallel_state.get_data_parallel_rank(),
+            "tp_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pp_size": parallel_state.get_pipeline_model_parallel_world_size(),
+            "dp_size": parallel_state.get_data_parallel_world_size()}
 
 
 def _dist_on() -> bool:

@@ -32,7 +32,7 @@ def run_native(args):
                                  top_k=args.top_k, top_p=args.top_p, eos=tok.eod, seed=args.seed,
                                  use_cache=not args.no_cache)
     pieces = [tok.detokenize([i]) for i in ids]
-    return ids, steps, pieces, tok.detokenize(ids), cfg.num_latent_steps
+    return ids, steps, pieces, tok.detokenize(ids), cfg.max_latent_steps
 
 
 def run_hf(args):
@@ -52,7 +52,7 @@ def run_hf(args):
     steps = getattr(out, "latent_steps", None)
     steps = steps[0].tolist() if steps is not None else [0] * len(ids)
     pieces = [tok.decode([i]) for i in ids]
-    return ids, steps, pieces, tok.decode(ids), int(getattr(model.config, "num_latent_steps", 0) or 0)
+    return ids, steps, pieces, tok.decode(ids), int(getattr(model.config, "max_latent_steps", 0) or 0)
 
 
 def render(prompt, ids, steps, pieces, text, max_steps, as_json: bool) -> str:

@@ -120,7 +120,7 @@ class NativeScorer(Scorer):
         self.model = model.eval()
         self.cfg = model_cfg
         self.vocab_size = model_cfg.vocab_size
-        self.max_steps = model_cfg.num_latent_steps
+        self.max_steps = model_cfg.max_latent_steps
         self.eod, self.bos = eod, bos
 
     @classmethod
@@ -147,7 +147,7 @@ class HFScorer(Scorer):
         self.model = model.eval()
         cfg = model.config
         self.vocab_size = cfg.vocab_size
-        self.max_steps = int(getattr(cfg, "num_latent_steps", 0) or 0)
+        self.max_steps = int(getattr(cfg, "max_latent_steps", 0) or 0)
         eos = cfg.eos_token_id
         self.eod = eos[0] if isinstance(eos, (list, tuple)) else eos
         self.bos = cfg.bos_token_id

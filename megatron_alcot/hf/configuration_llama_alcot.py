@@ -47,7 +47,7 @@ class LlamaAlcotConfig(LlamaConfig):
             raise ValueError(f"latent_readout {self.latent_readout!r} must be 'hidden' or 'prob'")
 
     @property
-    def num_latent_steps(self) -> int:
+    def max_latent_steps(self) -> int:
         return 0 if self.latent_method == "vanilla" else int(self.latent_max_steps)
 
 

@@ -190,7 +190,7 @@ class LlamaAlcotLatent(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        steps = config.num_latent_steps
+        steps = config.max_latent_steps
         if config.latent_method == "alcot":
             self.routers = nn.ModuleList(nn.Linear(config.hidden_size, 1, dtype=torch.float32)
                                          for _ in range(steps))
@@ -315,7 +315,7 @@ class LlamaAlcotForCausalLM(LlamaAlcotPreTrainedModel, GenerationMixin):
     def _latent_forward(self, input_ids, token_valid, pos, cache):
         """Returns (logits ``[b, T, V]``, num_steps ``[b, T]``) for the new tokens ``input_ids``."""
         cfg, method = self.config, self.config.latent_method
-        steps = cfg.num_latent_steps
+        steps = cfg.max_latent_steps
         b, T = input_ids.shape
         u = self._scaled_embed(input_ids)
         zeros = torch.zeros_like(input_ids)
@@ -350,7 +350,7 @@ class LlamaAlcotForCausalLM(LlamaAlcotPreTrainedModel, GenerationMixin):
 
     def _alcot_forward(self, u, token_valid, pos, cache):
         cfg = self.config
-        steps, tau = cfg.num_latent_steps, float(cfg.latent_threshold)
+        steps, tau = cfg.max_latent_steps, float(cfg.latent_threshold)
         b, T, hdim = u.shape
         active = token_valid.clone()
         reach = torch.ones(b, T, dtype=torch.float32, device=u.device)

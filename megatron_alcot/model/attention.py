@@ -30,7 +30,7 @@ from megatron_alcot.model.attention_backends import core_attention
 from megatron_alcot.model.compaction import Compaction
 from megatron_alcot.model.lap_attention import LapMask
 from megatron_alcot.model.rotary import apply_rotary
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
 
@@ -83,7 +83,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, cfg, *, init_method, output_init_method, sequence_parallel: bool = False):
         super().__init__()
-        tp = state.get_tensor_model_parallel_world_size()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
         self.head_dim = cfg.head_dim
         self.groups = cfg.query_groups // tp
         self.heads_per_group = cfg.num_attention_heads // cfg.query_groups

@@ -63,7 +63,7 @@ def flops_breakdown(cfg, num_steps: torch.Tensor, training: bool = True,
     b, s = num_steps.shape
     h, vocab = cfg.hidden_size, cfg.padded_vocab_size()
     width = cfg.num_attention_heads * cfg.head_dim
-    K = cfg.num_latent_steps
+    K = cfg.max_latent_steps
     mult = 3.0 if training else 1.0          # forward + backward = 3× forward
     tokens = b * s
     method = cfg.latent_method
@@ -116,7 +116,7 @@ def forward_flops(cfg, num_steps: torch.Tensor, seq_length: Optional[int] = None
 
 def nominal_training_flops(cfg, batch: int, seq: int) -> float:
     """Training FLOPs at fixed depth: every token runs ℓmax (K) latent steps."""
-    return training_flops(cfg, torch.full((batch, seq), cfg.num_latent_steps, dtype=torch.int64))
+    return training_flops(cfg, torch.full((batch, seq), cfg.max_latent_steps, dtype=torch.int64))
 
 
 def _check_shape(num_steps, seq_length):

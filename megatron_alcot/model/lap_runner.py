@@ -100,7 +100,7 @@ class ALCoTMethod(LatentMethod):
 
     def __init__(self, cfg, pre_process: bool = True, post_process: bool = True):
         super().__init__(cfg, pre_process, post_process)
-        self.max_steps = cfg.num_latent_steps
+        self.max_steps = cfg.max_latent_steps
         if post_process and self.max_steps > 0:
             self.routers = Routers(cfg.hidden_size, self.max_steps, cfg.latent_router_init_prob)
 

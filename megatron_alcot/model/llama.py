@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_alcot.model.attention import LapContext, SelfAttention
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from megatron_alcot.parallel.tensor_parallel.sharding import shard_tensor
 
@@ -108,8 +108,8 @@ def init_parameters(model: nn.Module, cfg, seed: int) -> None:
     ``linear_proj``/``linear_fc2`` when ``cfg.scale_output_init``; vocabulary rows beyond the true
     vocabulary are zero; norms are one; routers get weight 0 and bias ``logit(g_init)``.
     """
-    tp = state.get_tensor_model_parallel_world_size()
-    rank = state.get_tensor_model_parallel_rank()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
     for name, param in model.named_parameters():
         if name.endswith("layernorm.weight"):
             param.fill_(1.0)

@@ -13,7 +13,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 from megatron_alcot.config import ConfigError
 from megatron_alcot.model import build_model
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 
 LayerSplit = Union[None, str, Sequence[int]]
 
@@ -65,8 +65,8 @@ def build_pipeline_stage(model_cfg, parallel_cfg=None, seed: int = 1234, *, laye
     last, and its slice of the layers. ``layer_split`` defaults to
     ``parallel_cfg.pipeline_layer_split`` when the config has it; ``pipeline_rank`` /
     ``pipeline_size`` default to the process groups (pass them to build stages in one process)."""
-    pp = pipeline_size if pipeline_size is not None else state.get_pipeline_model_parallel_world_size()
-    rank = pipeline_rank if pipeline_rank is not None else state.get_pipeline_model_parallel_rank()
+    pp = pipeline_size if pipeline_size is not None else parallel_state.get_pipeline_model_parallel_world_size()
+    rank = pipeline_rank if pipeline_rank is not None else parallel_state.get_pipeline_model_parallel_rank()
     if layer_split is None:
         layer_split = getattr(parallel_cfg, "pipeline_layer_split", None)
     if pp > 1 and model_cfg.latent_method == "ponder":

@@ -31,7 +31,7 @@ from megatron_alcot.model.compaction import Compaction
 from megatron_alcot.model.llama import RMSNorm, TransformerLayer, init_parameters, skip_init
 from megatron_alcot.model.output import LapState, masked_mean
 from megatron_alcot.model.rotary import RotaryEmbedding
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import gemm, mappings
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (mask_padded_vocab,
                                                                    vocab_parallel_cross_entropy)
@@ -77,7 +77,7 @@ class LlamaModel(nn.Module):
         from megatron_alcot.model.lap_runner import build_method
         self.config = cfg
         self.pre_process, self.post_process = pre_process, post_process
-        self.tp = state.get_tensor_model_parallel_world_size()
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.sequence_parallel = bool(parallel_cfg is not None and parallel_cfg.sequence_parallel
                                       and self.tp > 1)
         self.layer_range = tuple(layer_range) if layer_range is not None else (0, cfg.num_layers)

@@ -17,14 +17,14 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 
 
 def _counted_here(param: torch.nn.Parameter) -> bool:
     if getattr(param, "shared_embedding", False):
         return False     # the last stage's copy of the tied embedding; stage 0 counts it
     return bool(getattr(param, "tensor_model_parallel", False)) or \
-        state.get_tensor_model_parallel_rank() == 0
+        parallel_state.get_tensor_model_parallel_rank() == 0
 
 
 def get_grad_norm(params: Iterable[torch.nn.Parameter],
@@ -38,8 +38,8 @@ def get_grad_norm(params: Iterable[torch.nn.Parameter],
         total_sq = torch.zeros((), dtype=torch.float32)
     if dist.is_available() and dist.is_initialized():
         groups = []
-        if state.get_model_parallel_world_size() > 1:
-            groups.append(state.get_model_parallel_group())
+        if parallel_state.get_model_parallel_world_size() > 1:
+            groups.append(parallel_state.get_model_parallel_group())
         groups.extend(g for g in extra_groups if g is not None)
         for group in groups:
             dist.all_reduce(total_sq, op=dist.ReduceOp.SUM, group=group)

@@ -69,7 +69,7 @@ import torch
 
 from megatron_alcot.checkpointing.metadata import CheckpointError
 from megatron_alcot.optim.optimizer import param_groups
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 
 ENGINE_DIR = "deepspeed"       # the engine's own files inside an iter_NNNNNNN checkpoint directory
 
@@ -99,7 +99,7 @@ def build_deepspeed_config(ds_config: Union[str, dict, None], *, micro_batch_siz
     if "optimizer" in config:
         raise ValueError("the DeepSpeed config has an \"optimizer\" section; remove it: the client "
                          "torch AdamW is used (DeepSpeed's own Adam needs a JIT build)")
-    dp = dp_size if dp_size is not None else state.get_data_parallel_world_size()
+    dp = dp_size if dp_size is not None else parallel_state.get_data_parallel_world_size()
     global_batch_size = global_batch_size if global_batch_size is not None else micro_batch_size * dp
     if global_batch_size % (micro_batch_size * dp):
         raise ValueError(f"global batch {global_batch_size} is not a multiple of micro batch "
@@ -256,8 +256,8 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
                          global_batch_size: Optional[int] = None, zero_stage: Optional[int] = None,
                          bf16: Optional[bool] = None):
     """``deepspeed.initialize`` with a client AdamW; returns ``(engine, optimizer)``."""
-    tp = state.get_tensor_model_parallel_world_size()
-    pp = state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
     if tp > 1 or pp > 1:
         raise ValueError(f"the DeepSpeed engine runs with tensor- and pipeline-parallel size 1 "
                          f"(got TP {tp}, PP {pp}); use --use-distributed-optimizer for ZeRO with TP/PP")
@@ -301,13 +301,13 @@ def save_engine_state(engine, directory: str) -> dict:
     """The engine's state into ``directory/deepspeed`` (collective); returns the metadata section."""
     engine.save_checkpoint(directory, tag=ENGINE_DIR, client_state={}, save_latest=False)
     return {"name": "deepspeed", "dir": ENGINE_DIR, "zero_stage": int(engine.zero_optimization_stage()),
-            "dp": state.get_data_parallel_world_size()}
+            "dp": parallel_state.get_data_parallel_world_size()}
 
 
 def load_engine_state(engine, path: str, metadata: dict, load_optim: bool = True) -> None:
     """Restore the engine's module (and optimizer) state from the checkpoint directory ``path``."""
     saved = metadata.get("engine") or {}
-    here = {"zero_stage": int(engine.zero_optimization_stage()), "dp": state.get_data_parallel_world_size()}
+    here = {"zero_stage": int(engine.zero_optimization_stage()), "dp": parallel_state.get_data_parallel_world_size()}
     if saved.get("name") != "deepspeed":
         raise CheckpointError(f"{path} was not written through DeepSpeed (no {ENGINE_DIR}/ state); "
                               "resume it without --deepspeed-config, or start from its weights with "

@@ -53,7 +53,7 @@ from megatron_alcot.optim.grad_buffer import ALIGN, BufferLayout, GradBuffer, Ow
 from megatron_alcot.optim.grad_scaler import build_grad_scaler
 from megatron_alcot.optim.optimizer import StepResult, param_groups
 from megatron_alcot.optim.tied_embedding import tied_embedding_weight
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 LAYOUT_VERSION = 2          # 1: one contiguous range per rank; 2: bucketed, 64-aligned
@@ -69,7 +69,7 @@ def _all_gather(output: torch.Tensor, input: torch.Tensor, group, async_op: bool
 
 
 def _pipeline_size() -> int:
-    return state.get_pipeline_model_parallel_world_size() if state.model_parallel_is_initialized() else 1
+    return parallel_state.get_pipeline_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
 
 
 def _make_inner_adamw(groups: List[dict], betas, eps) -> torch.optim.Optimizer:
@@ -97,7 +97,7 @@ class DistributedOptimizer:
             raise ValueError("DistributedOptimizer got no trainable parameters")
         self.clip_grad, self.grad_scaler, self.zero_stage = clip_grad, grad_scaler, zero_stage
         self.norm_groups = tuple(norm_groups)
-        self.dp_group = dp_group if dp_group is not None else state.get_data_parallel_group()
+        self.dp_group = dp_group if dp_group is not None else parallel_state.get_data_parallel_group()
         self.dp_size = dist.get_world_size(self.dp_group) if _dist_on() else 1
         self.dp_rank = dist.get_rank(self.dp_group) if _dist_on() else 0
 
@@ -157,7 +157,7 @@ class DistributedOptimizer:
         self.overlap_param_gather = overlap_param_gather and self.param_buffer is not None and self.dp_size > 1
         self._gathers: dict = {}
         # Norm: owned slices of parameters counted on this rank (see clip_grads).
-        tp_rank0 = state.get_tensor_model_parallel_rank() == 0
+        tp_rank0 = parallel_state.get_tensor_model_parallel_rank() == 0
         self._norm_slices = [i for i, sl in enumerate(self.slices)
                              if not getattr(self.params[sl.param_index], "shared_embedding", False)
                              and (getattr(self.params[sl.param_index], "tensor_model_parallel", False)
@@ -220,10 +220,10 @@ class DistributedOptimizer:
             raise RuntimeError("call zero_grad() before the backward pass (ZeRO-2 frees the gradient "
                                "shard after each step)")
         self.grads.finish()
-        if self._sp_slices and state.get_tensor_model_parallel_world_size() > 1:
+        if self._sp_slices and parallel_state.get_tensor_model_parallel_world_size() > 1:
             views = [self.grads.reduced(self.slices[i]) for i in self._sp_slices]
             flat = torch.cat(views)
-            dist.all_reduce(flat, group=state.get_tensor_model_parallel_group())
+            dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
             offset = 0
             for v in views:
                 v.copy_(flat[offset:offset + v.numel()])
@@ -238,8 +238,8 @@ class DistributedOptimizer:
             total_sq = torch.zeros((), dtype=torch.float32, device=self.device)
         if _dist_on():
             groups = [self.dp_group] if self.dp_size > 1 else []
-            if state.get_model_parallel_world_size() > 1:
-                groups.append(state.get_model_parallel_group())
+            if parallel_state.get_model_parallel_world_size() > 1:
+                groups.append(parallel_state.get_model_parallel_group())
             groups.extend(g for g in self.norm_groups if g is not None)
             for group in groups:
                 dist.all_reduce(total_sq, group=group)

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 
 
 def tied_embedding_weight(model) -> Optional[torch.Tensor]:
@@ -44,8 +44,8 @@ def allreduce_tied_embedding_grads(model) -> None:
     stage) over the embedding group, so both copies take the same step. No-op with PP = 1,
     untied weights, or on middle stages. Call before the data-parallel gradient reduction."""
     weight = tied_embedding_weight(model)
-    if weight is None or state.get_pipeline_model_parallel_world_size() == 1:
+    if weight is None or parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return
     if weight.grad is None:
         weight.grad = torch.zeros_like(weight)
-    dist.all_reduce(weight.grad, group=state.get_embedding_group())
+    dist.all_reduce(weight.grad, group=parallel_state.get_embedding_group())

@@ -1,11 +1,11 @@
-"""Parallelism: the process-group registry (``state``), rank discovery (``launch``), the device
+"""Parallelism: the process-group registry (``parallel_state``), rank discovery (``launch``), the device
 helper (``device``), ``tensor_parallel`` layers and ``pipeline`` schedules.
 
-    from megatron_alcot.parallel import state, init_distributed
+    from megatron_alcot.parallel import parallel_state, init_distributed
     info = init_distributed()            # torchrun / Slurm / Open MPI / single process
-    state.initialize_model_parallel(tensor_model_parallel_size=2)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
 """
-from megatron_alcot.parallel import device, state
+from megatron_alcot.parallel import device, parallel_state
 from megatron_alcot.parallel.launch import DistInfo, LaunchError, init_distributed
 
-__all__ = ["state", "device", "init_distributed", "DistInfo", "LaunchError"]
+__all__ = ["parallel_state", "device", "init_distributed", "DistInfo", "LaunchError"]

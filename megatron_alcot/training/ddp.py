@@ -1,6 +1,6 @@
 """Data-parallel gradient averaging with flat fp32 buckets, overlapped with the backward pass.
 
-    ddp = DistributedDataParallel(model, dp_group=state.get_data_parallel_group(), bucket_size_mb=25)
+    ddp = DistributedDataParallel(model, dp_group=parallel_state.get_data_parallel_group(), bucket_size_mb=25)
     for i, batch in enumerate(micro_batches):
         with ddp.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
             ddp(**batch).loss.backward()
@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from megatron_alcot.optim.grad_buffer import BufferLayout, GradBuffer
 from megatron_alcot.optim.tied_embedding import tied_embedding_weight
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 
 
 class DistributedDataParallel(torch.nn.Module):
@@ -40,7 +40,7 @@ class DistributedDataParallel(torch.nn.Module):
         super().__init__()
         self.module = module
         self.dp_group = dp_group
-        self.dp_size = dp_size if dp_size is not None else state.get_data_parallel_world_size()
+        self.dp_size = dp_size if dp_size is not None else parallel_state.get_data_parallel_world_size()
         self.overlap = overlap_grad_reduce and self.dp_size > 1
         params = [p for p in module.parameters() if p.requires_grad]
         self._trainable = tuple(params)     # walking the module tree every step costs ~1 ms on CPU
@@ -95,10 +95,10 @@ class DistributedDataParallel(torch.nn.Module):
                     p.grad = torch.zeros_like(p)
             return
         self.grads.finish()
-        if self._sp_params and state.get_tensor_model_parallel_world_size() > 1:
+        if self._sp_params and parallel_state.get_tensor_model_parallel_world_size() > 1:
             grads = [p.grad for p in self._sp_params]
             flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=state.get_tensor_model_parallel_group())
+            dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
             offset = 0
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))

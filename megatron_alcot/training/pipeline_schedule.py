@@ -57,7 +57,7 @@ import torch.distributed as dist
 
 from megatron_alcot.model.attention import StepKV
 from megatron_alcot.model.output import LapState, ModelOutput
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.pipeline import p2p
 from megatron_alcot.parallel.pipeline.p2p import BUBBLE, DONE, GRAD, LAP, STOP, GradMessage, LapMessage
 
@@ -182,12 +182,12 @@ class _LapPipeline:
         self.compact = compact
         self.trace = lap_trace
         self.stats = stats if stats is not None else ScheduleStats()
-        self.P = state.get_pipeline_model_parallel_world_size()
-        self.p = state.get_pipeline_model_parallel_rank()
+        self.P = parallel_state.get_pipeline_model_parallel_world_size()
+        self.p = parallel_state.get_pipeline_model_parallel_rank()
         self.first, self.last = self.p == 0, self.p == self.P - 1
         self.gpipe = order == "gpipe"
         self.limit = max_in_flight_microbatches(self.P, self.p, self.n, max_in_flight, order)
-        self.group = state.get_pipeline_model_parallel_group()
+        self.group = parallel_state.get_pipeline_model_parallel_group()
         param = next(self.stage.parameters())
         self.device = param.device
         self.dtype = getattr(torch, self.stage.config.params_dtype)
@@ -317,10 +317,10 @@ class _LapPipeline:
             lap0 = self._inject(0)
             b, s = lap0.active.shape
             spec = p2p.MessageSpec(b, s, hidden, self.wire_dtype, self.device)
-        spec = p2p.broadcast_spec(spec, state.get_pipeline_model_parallel_first_rank(), hidden,
+        spec = p2p.broadcast_spec(spec, parallel_state.get_pipeline_model_parallel_first_rank(), hidden,
                                   self.wire_dtype, self.device, self.group)
-        self.link = p2p.StageLink(spec, state.get_pipeline_model_parallel_next_rank(),
-                                  state.get_pipeline_model_parallel_prev_rank(), self.group)
+        self.link = p2p.StageLink(spec, parallel_state.get_pipeline_model_parallel_next_rank(),
+                                  parallel_state.get_pipeline_model_parallel_prev_rank(), self.group)
         return lap0
 
     def run(self) -> None:
@@ -438,7 +438,7 @@ def forward_backward_pipelining_with_laps(*, forward_step_func: Optional[Callabl
 
     Returns the last stage's infos in micro-batch order; ``[]`` on the other stages.
     """
-    if state.get_pipeline_model_parallel_world_size() < 2:
+    if parallel_state.get_pipeline_model_parallel_world_size() < 2:
         raise ValueError("the lap pipeline schedule needs --pipeline-model-parallel-size >= 2; "
                          "use training.schedules.forward_backward_no_pipelining")
     if order not in PIPELINE_ORDERS:
@@ -464,7 +464,7 @@ def infos_from_last_stage(infos: List[torch.Tensor], numel: int, device=None) ->
     total = torch.zeros(numel, dtype=torch.float64, device=device)
     if infos:
         total += torch.stack([i.to(device, torch.float64) for i in infos]).sum(0)
-    if state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(total, state.get_pipeline_model_parallel_last_rank(),
-                       group=state.get_pipeline_model_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
     return [total]

@@ -43,7 +43,7 @@ from megatron_alcot.data.tokenizers import build_tokenizer
 from megatron_alcot.model import build_model
 from megatron_alcot.optim import OptimizerParamScheduler, build_optimizer
 from megatron_alcot.parallel import device as device_lib
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel.random import model_parallel_seed
 from megatron_alcot.training.ddp import DistributedDataParallel
 from megatron_alcot.training.evaluate import evaluate
@@ -103,7 +103,7 @@ def _setup_distributed(args: Arguments) -> bool:
         init_distributed(backend=args.parallel.distributed_backend,
                          timeout_minutes=args.parallel.distributed_timeout_minutes)
         created = True
-    state.initialize_model_parallel(
+    parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.parallel.pipeline_model_parallel_size)
     return created
@@ -138,7 +138,7 @@ def train(argv: Optional[Sequence[str]] = None, *, args: Optional[Arguments] = N
     try:
         return _run(args, tokenizer, world, start_time, on_model_built, stream)
     finally:
-        state.destroy_model_parallel()
+        parallel_state.destroy_model_parallel()
         if created_pg and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -148,7 +148,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
     device = device_lib.get_device()
-    dp, dp_rank = state.get_data_parallel_world_size(), state.get_data_parallel_rank()
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     is_rank0 = (dist.get_rank() == 0) if dist.is_initialized() else True
     logger = TrainLogger(lg, is_rank0, stream=stream)
     train_iters = t.resolved_train_iters(dp)
@@ -158,7 +158,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     # Every rank takes rank 0's measured answers for the "auto" flags, so all build the same kernels.
     hardware.share_from_rank0(device)
     hardware.report(args.model, _autocast_dtype(args), device, emit=logger.print)
-    _seed_everything(t.seed + 100 * state.get_pipeline_model_parallel_rank())
+    _seed_everything(t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     model = _build_model(args).to(device)
     if on_model_built is not None:
         on_model_built(model)
@@ -176,7 +176,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
             overlap_param_gather=t.overlap_param_gather, grad_reduce_in_bf16=t.grad_reduce_in_bf16)
         ddp = optimizer.wrap_model(model)
     else:
-        ddp = DistributedDataParallel(model, state.get_data_parallel_group(), dp_size=dp,
+        ddp = DistributedDataParallel(model, parallel_state.get_data_parallel_group(), dp_size=dp,
                                       bucket_size_mb=t.ddp_bucket_size_mb,
                                       overlap_grad_reduce=t.overlap_grad_reduce,
                                       grad_reduce_in_bf16=t.grad_reduce_in_bf16)
@@ -212,10 +212,10 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                  f"tp {args.parallel.tensor_model_parallel_size}, pp {pp}, "
                  f"{sum(getattr(p, 'ds_numel', p.numel()) for p in model.parameters()):,} "
                  "parameters on this rank, "
-                 f"latent {args.model.latent_method} ℓmax {args.model.num_latent_steps}")
+                 f"latent {args.model.latent_method} ℓmax {args.model.max_latent_steps}")
 
     timers = Timers(sync=device_lib.synchronize)
-    window = _Window(args.model.num_latent_steps)
+    window = _Window(args.model.max_latent_steps)
     nan_in_row = 0
     last_saved = None
     signal_ctx = contextlib.nullcontext()
@@ -301,7 +301,7 @@ def _iterators(args, tokenizer, train_iters, consumed, dp_rank, dp):
 
 def _stage_reads_data(pp: int) -> bool:
     """Only the first stage (tokens) and the last (labels, loss mask) read batches."""
-    rank = state.get_pipeline_model_parallel_rank()
+    rank = parallel_state.get_pipeline_model_parallel_rank()
     return pp == 1 or rank in (0, pp - 1)
 
 

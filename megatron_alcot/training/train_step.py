@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.training.pipeline_schedule import infos_from_last_stage, weight_cast_region
 from megatron_alcot.training.schedules import get_forward_backward_func
 
@@ -85,7 +85,7 @@ def make_forward_step(model_cfg, device: torch.device, autocast_dtype, flops_met
     ``info`` stays on the model's device (no host sync per micro-batch) except for the FLOPs
     count, which the meter takes from one host copy of ``num_steps`` (one sync per micro-batch
     with a meter, none without)."""
-    max_depth = model_cfg.num_latent_steps
+    max_depth = model_cfg.max_latent_steps
 
     def forward_step(batch, model):
         batch = batch_to_device(batch, device)
@@ -113,14 +113,14 @@ def make_forward_step(model_cfg, device: torch.device, autocast_dtype, flops_met
 
 def info_numel(model_cfg) -> int:
     """Length of the ``info`` vector of :func:`make_forward_step`."""
-    return 6 + model_cfg.num_latent_steps + 1
+    return 6 + model_cfg.max_latent_steps + 1
 
 
 def reduce_stats(infos: List[torch.Tensor]) -> torch.Tensor:
     """Sum the per-micro-batch statistics and all-reduce them over the data-parallel group."""
     total = torch.stack(infos).sum(0)
-    if dist.is_available() and dist.is_initialized() and state.get_data_parallel_world_size() > 1:
-        dist.all_reduce(total, group=state.get_data_parallel_group())
+    if dist.is_available() and dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
     return total
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
                                                             VocabParallelEmbedding)
 from megatron_alcot.parallel.tensor_parallel.utils import init_method_normal
@@ -75,7 +75,7 @@ class StandIn(nn.Module):
                  pp_stage=(0, 1)):
         super().__init__()
         stage, stages = pp_stage
-        tp = state.get_tensor_model_parallel_world_size()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
         self.padded = padded_vocab(vocab_size, divisible_by, tp)
         self.first, self.last = stage == 0, stage == stages - 1
         n_local = num_layers // stages

@@ -13,7 +13,7 @@ import torch
 
 from dist_utils import run_distributed
 from megatron_alcot.checkpointing import load_checkpoint, load_full_state_dict, save_checkpoint
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel.random import model_parallel_seed
 from standin import StandIn, config_dict
 
@@ -26,9 +26,9 @@ REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 
 def _build(tp=1, pp=1, seed=1):
     if tp * pp > 1:
-        state.initialize_model_parallel(tp, pp)
+        parallel_state.initialize_model_parallel(tp, pp)
     model_parallel_seed(seed)
-    model = StandIn(pp_stage=(state.get_pipeline_model_parallel_rank(), pp))
+    model = StandIn(pp_stage=(parallel_state.get_pipeline_model_parallel_rank(), pp))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     return model, opt
 
@@ -233,11 +233,11 @@ def _llama_cfg():
 def _llama_logits(model):
     with torch.no_grad():
         logits = model(TOKENS).logits
-    tp = state.get_tensor_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
     if tp > 1:
         parts = [torch.empty_like(logits) for _ in range(tp)]
         torch.distributed.all_gather(parts, logits.contiguous(),
-                                     group=state.get_tensor_model_parallel_group())
+                                     group=parallel_state.get_tensor_model_parallel_group())
         logits = torch.cat(parts, dim=-1)
     return logits[..., :V]
 
@@ -245,7 +245,7 @@ def _llama_logits(model):
 def _save_llama_tp2(rank, world, ckpt):
     from megatron_alcot.config import ParallelConfig
     from megatron_alcot.model import build_model
-    state.initialize_model_parallel(2, 1)
+    parallel_state.initialize_model_parallel(2, 1)
     model = build_model(_llama_cfg(), ParallelConfig(tensor_model_parallel_size=2), seed=11)
     with torch.no_grad():      # move off the init so that padding rows and norms are not trivial
         for p in model.parameters():

@@ -35,7 +35,7 @@ def naive_forward(model, tokens, labels=None, loss_mask=None, halting="learned")
     cfg = model.config
     W = dict(model.named_parameters())
     b, s = tokens.shape
-    L = cfg.num_latent_steps
+    L = cfg.max_latent_steps
     hd, nh, ng = cfg.head_dim, cfg.num_attention_heads, cfg.query_groups
     hpg = nh // ng
     eps = cfg.norm_epsilon

@@ -13,7 +13,7 @@ from dist_utils import run_distributed
 from megatron_alcot.config import ParallelConfig
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import merge_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,9 +143,9 @@ def test_pause_is_causal_over_tokens():
 
 
 def _gather(t, dim):
-    world = state.get_tensor_model_parallel_world_size()
+    world = parallel_state.get_tensor_model_parallel_world_size()
     parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous(), group=state.get_tensor_model_parallel_group())
+    dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts, dim)
 
 
@@ -162,13 +162,13 @@ def _run(tp, sp=False):
         for name, p in model.named_parameters():
             g = p.grad
             if tp > 1 and getattr(p, "tensor_model_parallel", False):
-                world = state.get_tensor_model_parallel_world_size()
+                world = parallel_state.get_tensor_model_parallel_world_size()
                 parts = [torch.empty_like(g) for _ in range(world)]
-                dist.all_gather(parts, g.contiguous(), group=state.get_tensor_model_parallel_group())
+                dist.all_gather(parts, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
                 g = merge_shards(parts, p.partition_dim, p.partition_stride)
             elif tp > 1 and getattr(p, "sequence_parallel", False):
                 g = g.clone()
-                dist.all_reduce(g, group=state.get_tensor_model_parallel_group())
+                dist.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
             grads[name] = g
         logits = _gather(out.logits.detach(), -1) if tp > 1 else out.logits.detach()
         res[method] = dict(logits=logits, loss=out.loss.detach(), grads=grads)
@@ -176,7 +176,7 @@ def _run(tp, sp=False):
 
 
 def _worker(rank, world_size):
-    state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     buf = io.BytesIO()
     torch.save({sp: _run(world_size, sp) for sp in (False, True)}, buf)
     return buf.getvalue()

@@ -145,9 +145,9 @@ def test_generate_batch_rows_sampling_and_eos():
 
 def _tp_generate(rank, world_size):
     from megatron_alcot.config import ParallelConfig
-    from megatron_alcot.parallel import state
+    from megatron_alcot.parallel import parallel_state
     if world_size > 1:
-        state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     cfg = preset("tiny-tp4", latent_max_steps=K, seq_length=S, latent_threshold=TAU, vocab_size=250)
     model = build_model(cfg, ParallelConfig(tensor_model_parallel_size=world_size)).eval()
     routers_random(model, std=0.15)

@@ -12,7 +12,7 @@ from dist_utils import run_distributed
 from megatron_alcot.config import ParallelConfig
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import merge_shards
 
 pytestmark = pytest.mark.slow
@@ -31,11 +31,11 @@ def _inputs():
 
 
 def _gather_tp(t, dim):
-    world = state.get_tensor_model_parallel_world_size()
+    world = parallel_state.get_tensor_model_parallel_world_size()
     if world == 1:
         return t
     parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous(), group=state.get_tensor_model_parallel_group())
+    dist.all_gather(parts, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return torch.cat(parts, dim)
 
 
@@ -55,13 +55,13 @@ def _run_cases(tp):
         for name, p in model.named_parameters():
             g = p.grad
             if getattr(p, "tensor_model_parallel", False) and tp > 1:
-                world = state.get_tensor_model_parallel_world_size()
+                world = parallel_state.get_tensor_model_parallel_world_size()
                 parts = [torch.empty_like(g) for _ in range(world)]
-                dist.all_gather(parts, g.contiguous(), group=state.get_tensor_model_parallel_group())
+                dist.all_gather(parts, g.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
                 g = merge_shards(parts, p.partition_dim, p.partition_stride)
             elif getattr(p, "sequence_parallel", False) and tp > 1:
                 g = g.clone()
-                dist.all_reduce(g, group=state.get_tensor_model_parallel_group())
+                dist.all_reduce(g, group=parallel_state.get_tensor_model_parallel_group())
             grads[name] = g
         results[(method, readout, sp and tp > 1)] = dict(logits=logits, loss=out.loss.detach(),
                                               num_steps=out.num_steps, grads=grads)
@@ -69,7 +69,7 @@ def _run_cases(tp):
 
 
 def _worker(rank, world_size):
-    state.initialize_model_parallel(tensor_model_parallel_size=world_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world_size)
     buf = io.BytesIO()   # plain bytes: tensors sent through the queue would live in the worker's shared memory
     torch.save(_run_cases(world_size), buf)
     return buf.getvalue()

@@ -148,9 +148,9 @@ def test_config_fills_batch_and_rejects_conflicts():
 
 def _gathered_body(rank, world, knobs):
     from megatron_alcot.model import build_model
-    from megatron_alcot.parallel import state
+    from megatron_alcot.parallel import parallel_state
     torch.set_num_threads(1)
-    state.initialize_model_parallel(1, 1)
+    parallel_state.initialize_model_parallel(1, 1)
     cfg = preset("tiny", seq_length=SEQ, latent_max_steps=2, untie_embeddings_and_output_weights=False)
     model = build_model(cfg)
     engine, _ = initialize_deepspeed(

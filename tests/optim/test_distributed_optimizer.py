@@ -18,7 +18,7 @@ from megatron_alcot.optim import OptimizerParamScheduler, build_optimizer
 from megatron_alcot.optim.distributed_optimizer import (DistributedOptimizer,
                                                         build_distributed_optimizer,
                                                         merge_shard_state_dicts)
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import merge_shards
 
 STEPS, BATCH, SEQ, VOCAB = 3, 4, 16, 256
@@ -129,7 +129,7 @@ def _reference(dtype="float32"):
 
 # --- DP = 2 -------------------------------------------------------------------------------------
 def _dp2_body(rank, world):
-    state.initialize_model_parallel(1, 1)
+    parallel_state.initialize_model_parallel(1, 1)
     batches = _batches()
     out = {}
 
@@ -168,7 +168,7 @@ def _dp2_body(rank, world):
     model_a, model_b = build_model(_cfg()), build_model(_cfg())
     opt_a = build_distributed_optimizer(model_a, NOCLIP)
     _train(opt_a.wrap_model(model_a), opt_a, _sched(opt_a), batches[:STEPS], rank, world)
-    ddp = DistributedDataParallel(model_b, state.get_data_parallel_group(), overlap_grad_reduce=False)
+    ddp = DistributedDataParallel(model_b, parallel_state.get_data_parallel_group(), overlap_grad_reduce=False)
     opt_b = build_optimizer(model_b, NOCLIP)
     _train(ddp, opt_b, _sched(opt_b), batches[:STEPS], rank, world)
     out["ddp_equal"] = all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
@@ -265,15 +265,15 @@ def test_bf16_params_keep_fp32_master(dp2):
 
 # --- DP = 2 x TP = 2 with sequence parallelism ----------------------------------------------------
 def _tp_body(rank, world):
-    state.initialize_model_parallel(2, 1)
+    parallel_state.initialize_model_parallel(2, 1)
     model = build_model(_cfg(), ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True))
     opt = build_distributed_optimizer(model, OPTIM, zero_stage=2)
     norms = _train(opt.wrap_model(model), opt, _sched(opt), _batches()[:STEPS],
-                   state.get_data_parallel_rank(), state.get_data_parallel_world_size())
+                   parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
     meta = {n: (getattr(p, "tensor_model_parallel", False), getattr(p, "partition_dim", -1),
                 getattr(p, "partition_stride", 1)) for n, p in model.named_parameters()}
     return _pack({"params": _params(model), "meta": meta, "norms": norms,
-                  "tp": state.get_tensor_model_parallel_rank(), "dp": state.get_data_parallel_rank()})
+                  "tp": parallel_state.get_tensor_model_parallel_rank(), "dp": parallel_state.get_data_parallel_rank()})
 
 
 @pytest.mark.slow

@@ -80,8 +80,8 @@ def test_overflow_skips_the_update():
 
 def _grad_norms(rank, world, tp):
     from megatron_alcot.model import build_model
-    from megatron_alcot.parallel import state
-    state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    from megatron_alcot.parallel import parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128,
                       seq_length=16, latent_max_steps=2, make_vocab_size_divisible_by=64,
                       untie_embeddings_and_output_weights=True)
@@ -90,7 +90,7 @@ def _grad_norms(rank, world, tp):
     tokens = torch.randint(0, 128, (2, 16), generator=gen)
     model(tokens, labels=tokens.roll(-1, 1)).loss.backward()
     norm = float(get_grad_norm(list(model.parameters())))
-    state.destroy_model_parallel()
+    parallel_state.destroy_model_parallel()
     return norm
 
 

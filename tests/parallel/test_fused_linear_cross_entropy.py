@@ -63,10 +63,10 @@ def test_bad_shapes_are_named():
 
 
 def _tp2_body(rank, world, inp, ref):
-    from megatron_alcot.parallel import state
+    from megatron_alcot.parallel import parallel_state
     from megatron_alcot.parallel.tensor_parallel import mappings
     from tp_helpers import merged, my_shard
-    state.initialize_model_parallel(tensor_model_parallel_size=world)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     x, w, target, mask = inp
     xs, ws = x.clone().requires_grad_(), my_shard(w, 0).clone().requires_grad_()
     loss, per_token = fused_linear_cross_entropy(mappings.copy_to_tensor_model_parallel_region(xs), ws,

@@ -10,7 +10,7 @@ from dist_utils import run_distributed
 from megatron_alcot.config import ConfigError, ParallelConfig
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.model.pipeline_split import build_pipeline_stage, layer_ranges
 from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
 from megatron_alcot.training.pipeline_schedule import (ScheduleStats, forward_backward_pipelining_with_laps,
@@ -76,7 +76,7 @@ def _reference(cfg, batches, halting):
 def _full_grad(param):
     """The TP = 1 gradient of a (possibly TP-sharded) parameter."""
     grad = param.grad if param.grad is not None else torch.zeros_like(param)
-    if state.get_tensor_model_parallel_world_size() > 1 and getattr(param, "tensor_model_parallel", False):
+    if parallel_state.get_tensor_model_parallel_world_size() > 1 and getattr(param, "tensor_model_parallel", False):
         from tp_helpers import merged
         return merged(grad, param.partition_dim, param.partition_stride)
     return grad.clone()
@@ -86,9 +86,9 @@ def _pipeline_body(rank, world_size, cases):
     results = []
     for case in cases:
         tp, pp = case.get("tp", 1), case["pp"]
-        if state.model_parallel_is_initialized():
-            state.destroy_model_parallel()
-        state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         pcfg = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         stage = build_pipeline_stage(case["cfg"], pcfg, seed=SEED, layer_split=case.get("split"))
         if stage.post_process:
@@ -98,7 +98,7 @@ def _pipeline_body(rank, world_size, cases):
             from megatron_alcot.training.ddp import DistributedDataParallel
             from megatron_alcot.training.train_step import make_forward_step
             step = make_forward_step(case["cfg"], torch.device("cpu"), None)
-            model = DistributedDataParallel(stage, state.get_data_parallel_group())
+            model = DistributedDataParallel(stage, parallel_state.get_data_parallel_group())
         infos = forward_backward_pipelining_with_laps(
             forward_step_func=step,
             data_iterator=iter(case["batches"]), model=model, num_microbatches=len(case["batches"]),
@@ -107,15 +107,15 @@ def _pipeline_body(rank, world_size, cases):
         allreduce_tied_embedding_grads(model)
         if case.get("trainer_step"):
             model.finish_grad_sync()
-            numel = 6 + case["cfg"].num_latent_steps + 1
+            numel = 6 + case["cfg"].max_latent_steps + 1
             infos = infos_from_last_stage(infos, numel)
         grads = {}
         for name, p in stage.named_parameters():
             if getattr(p, "shared_embedding", False):
                 name = "embedding.word_embeddings.weight"
             grads[name] = _full_grad(p)
-        results.append({"pp_rank": state.get_pipeline_model_parallel_rank(),
-                        "tp_rank": state.get_tensor_model_parallel_rank(),
+        results.append({"pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+                        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
                         "infos": infos, "trace": trace, "grads": grads,
                         "max_in_flight": stats.max_in_flight,
                         "has_grad": any(p.grad is not None for p in stage.parameters())})
@@ -149,7 +149,7 @@ def _check(payloads, cases):
                 torch.testing.assert_close(total[0], torch.stack(ref["loss"]).sum().double())
                 assert int(total[3]) == len(case["batches"])
                 depth = torch.bincount(torch.cat([n.reshape(-1) for n in ref["num_steps"]]),
-                                       minlength=case["cfg"].num_latent_steps + 1)
+                                       minlength=case["cfg"].max_latent_steps + 1)
                 assert torch.equal(total[6:].long(), depth)
             elif got["pp_rank"] == pp - 1:
                 for m, info in enumerate(got["infos"]):

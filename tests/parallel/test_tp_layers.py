@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_utils import run_distributed
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, chunked_target_prob,
     copy_to_tensor_model_parallel_region, gather_from_sequence_parallel_region,
@@ -44,7 +44,7 @@ def build(kind, **kw):
         layer = ColumnParallelLinear(H, VOCAB, init_method=INIT)
     if getattr(layer, "bias", None) is not None:
         # Non-zero bias so that the forward checks see it; each rank keeps its shard.
-        full = torch.linspace(-1, 1, layer.bias.numel() * state.get_tensor_model_parallel_world_size())
+        full = torch.linspace(-1, 1, layer.bias.numel() * parallel_state.get_tensor_model_parallel_world_size())
         with torch.no_grad():
             layer.bias.copy_(my_shard(full, 0, layer.bias.partition_stride) if layer.bias.tensor_model_parallel
                              else torch.linspace(-1, 1, layer.bias.numel()))
@@ -224,7 +224,7 @@ def _check_cross_entropy(inp, ref, tp):
 
 
 def _check_mappings(inp, tp):
-    rank = state.get_tensor_model_parallel_rank()
+    rank = parallel_state.get_tensor_model_parallel_rank()
     scale = tp * (tp + 1) / 2            # sum over TP ranks of (rank + 1)
     x, g = inp["x"], inp["g_h"]
     a = leaf(x)
@@ -268,7 +268,7 @@ def _check_mappings(inp, tp):
 
 def _check_rng(tp):
     from tp_helpers import gather_tp
-    rank = state.get_tensor_model_parallel_rank()
+    rank = parallel_state.get_tensor_model_parallel_rank()
     model_parallel_seed(7)
     same = torch.rand(5)
     with get_rng_tracker().fork():
@@ -286,13 +286,13 @@ def _check_rng(tp):
 
 def _tp_body(rank, world_size, inp, ref, tp_sizes):
     for tp in tp_sizes:
-        state.initialize_model_parallel(tensor_model_parallel_size=tp)
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
         _check_init(ref, tp)
         _check_layers(inp, ref, tp)
         _check_cross_entropy(inp, ref, tp)
         _check_mappings(inp, tp)
         _check_rng(tp)
-        state.destroy_model_parallel()
+        parallel_state.destroy_model_parallel()
     return True
 
 

@@ -2,14 +2,14 @@
 import torch
 import torch.distributed as dist
 
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import merge_shards, shard_tensor
 
 
 def gather_tp(t: torch.Tensor):
-    world = state.get_tensor_model_parallel_world_size()
+    world = parallel_state.get_tensor_model_parallel_world_size()
     out = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(out, t.contiguous(), group=state.get_tensor_model_parallel_group())
+    dist.all_gather(out, t.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     return out
 
 
@@ -19,8 +19,8 @@ def merged(t: torch.Tensor, dim: int, stride: int = 1) -> torch.Tensor:
 
 
 def my_shard(full: torch.Tensor, dim: int, stride: int = 1) -> torch.Tensor:
-    return shard_tensor(full, dim % full.dim(), stride, state.get_tensor_model_parallel_rank(),
-                        state.get_tensor_model_parallel_world_size())
+    return shard_tensor(full, dim % full.dim(), stride, parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_world_size())
 
 
 def close(actual, expected, what, atol=2e-5, rtol=1e-5):

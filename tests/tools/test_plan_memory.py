@@ -48,8 +48,8 @@ def test_stage_parameters_equal_the_built_stages(tied):
 
 def _tp2_numels(rank, world):
     from megatron_alcot.model import build_model
-    from megatron_alcot.parallel import state
-    state.initialize_model_parallel(2, 1)
+    from megatron_alcot.parallel import parallel_state
+    parallel_state.initialize_model_parallel(2, 1)
     cfg = preset("tiny", num_layers=2, untie_embeddings_and_output_weights=True, latent_max_steps=3)
     return sum(p.numel() for p in build_model(cfg, ParallelConfig(tensor_model_parallel_size=2)).parameters())
 

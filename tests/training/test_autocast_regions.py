@@ -11,7 +11,7 @@ from megatron_alcot.config import ParallelConfig
 from megatron_alcot.model import build_model
 from megatron_alcot.model.pipeline_split import build_pipeline_stage
 from megatron_alcot.model.presets import preset
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.training.pipeline_schedule import (forward_backward_pipelining_with_laps,
                                                        weight_cast_region)
 from megatron_alcot.training.schedules import forward_backward_no_pipelining
@@ -74,7 +74,7 @@ def test_pp1_one_weight_copy_per_step(region):
 
 def _pipeline_body(rank, world):
     torch.set_num_threads(1)
-    state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
     stage = build_pipeline_stage(_cfg(), ParallelConfig(pipeline_model_parallel_size=2), seed=3)
     copies = _WeightCopies(stage)
     with copies.hooks():

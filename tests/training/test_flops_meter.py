@@ -12,7 +12,7 @@ def test_meter_is_the_model_formula(method):
     cfg = preset("tiny", latent_method=method, latent_max_steps=3, untie_embeddings_and_output_weights=True)
     steps = torch.tensor([[0, 1, 3, 2, 0, 3], [3, 3, 0, 1, 1, 2]])
     if method != "alcot":
-        steps = torch.full_like(steps, cfg.num_latent_steps)
+        steps = torch.full_like(steps, cfg.max_latent_steps)
     expected = flops.training_flops(cfg, steps)
     assert expected > 0
     assert FlopsMeter(cfg).micro_batch_flops(steps) == expected

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import gemm, mappings
 from megatron_alcot.parallel.tensor_parallel.utils import vocab_range
 
@@ -26,14 +26,14 @@ LOG2E = 1.4426950408889634   # exp(x) = exp2(x·log2 e); torch's CPU exp2 is ~3x
 
 
 def _all_reduce(t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if state.get_tensor_model_parallel_world_size() > 1:
-        dist.all_reduce(t, op=op, group=state.get_tensor_model_parallel_group())
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        dist.all_reduce(t, op=op, group=parallel_state.get_tensor_model_parallel_group())
     return t
 
 
 def _local_target(target: torch.Tensor, per_partition: int):
     """(index into this rank's vocab slice, mask of targets owned by another rank)."""
-    start, end = vocab_range(per_partition, state.get_tensor_model_parallel_rank())
+    start, end = vocab_range(per_partition, parallel_state.get_tensor_model_parallel_rank())
     target = target.long()
     outside = (target < start) | (target >= end)
     return (target - start).masked_fill(outside, 0), outside
@@ -59,7 +59,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         sum_exp = _all_reduce(exp.sum(dim=-1))
         log_z = sum_exp.log()
         loss = log_z - predicted
-        vocab = logits.shape[-1] * state.get_tensor_model_parallel_world_size()
+        vocab = logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size()
         if label_smoothing > 0:
             # F.cross_entropy's smoothing: (1-e)·nll + e·mean_j(-log p_j) over the whole vocab.
             mean_logit = _all_reduce(logits.sum(dim=-1)) / vocab
@@ -211,7 +211,7 @@ def mask_padded_vocab(logits_parallel: torch.Tensor, vocab_size: int,
     """
     cols = logits_parallel.shape[-1]
     per_partition = per_partition or cols
-    start, _ = vocab_range(per_partition, state.get_tensor_model_parallel_rank())
+    start, _ = vocab_range(per_partition, parallel_state.get_tensor_model_parallel_rank())
     first_pad = vocab_size - start - offset
     if first_pad >= cols:
         return logits_parallel

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import gemm, mappings
 from megatron_alcot.parallel.tensor_parallel.sharding import shard_tensor
 from megatron_alcot.parallel.tensor_parallel.utils import (divide, init_method_normal,
@@ -50,8 +50,8 @@ def _init_shard(shape_full, partition_dim: int, stride: int, init_method: Option
     full = torch.empty(shape_full, dtype=torch.float32)
     with torch.no_grad():
         init_method(full)
-    shard = shard_tensor(full, partition_dim, stride, state.get_tensor_model_parallel_rank(),
-                         state.get_tensor_model_parallel_world_size())
+    shard = shard_tensor(full, partition_dim, stride, parallel_state.get_tensor_model_parallel_rank(),
+                         parallel_state.get_tensor_model_parallel_world_size())
     param = nn.Parameter(shard.to(device=device, dtype=dtype))
     set_tensor_model_parallel_attributes(param, True, partition_dim, stride)
     return param
@@ -77,7 +77,7 @@ class ColumnParallelLinear(nn.Module):
                  params_dtype: torch.dtype = torch.float32, sequence_dim: int = 0, device=None,
                  gemm_backend: str = "auto"):
         super().__init__()
-        world = state.get_tensor_model_parallel_world_size()
+        world = parallel_state.get_tensor_model_parallel_world_size()
         if gather_output and stride > 1 and world > 1:
             raise ValueError("gather_output=True with stride > 1 would return the rank-major "
                              "[gate_0; up_0; gate_1; ...] layout; gather outside the layer instead")
@@ -121,7 +121,7 @@ class RowParallelLinear(nn.Module):
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
                  sequence_dim: int = 0, device=None, gemm_backend: str = "auto"):
         super().__init__()
-        world = state.get_tensor_model_parallel_world_size()
+        world = parallel_state.get_tensor_model_parallel_world_size()
         if sequence_parallel and not input_is_parallel:
             raise ValueError("sequence_parallel=True needs input_is_parallel=True")
         self.input_size, self.output_size = input_size, output_size
@@ -167,16 +167,16 @@ class VocabParallelEmbedding(nn.Module):
                  init_method: Optional[Callable] = None, params_dtype: torch.dtype = torch.float32,
                  sequence_parallel: bool = False, sequence_dim: int = 0, device=None):
         super().__init__()
-        world = state.get_tensor_model_parallel_world_size()
+        world = parallel_state.get_tensor_model_parallel_world_size()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.num_embeddings_per_partition = divide(num_embeddings, world, "vocabulary size")
         self.vocab_start_index, self.vocab_end_index = vocab_range(
-            self.num_embeddings_per_partition, state.get_tensor_model_parallel_rank())
+            self.num_embeddings_per_partition, parallel_state.get_tensor_model_parallel_rank())
         self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         self.weight = _init_shard((num_embeddings, embedding_dim), 0, 1, init_method, params_dtype, device)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        if state.get_tensor_model_parallel_world_size() == 1:
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
             return F.embedding(ids, self.weight)
         outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
         local = (ids - self.vocab_start_index).masked_fill(outside, 0)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_alcot.parallel import state
+from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel.utils import all_gather_dim0, divide, reduce_scatter_dim0
 
 
 def _tp():
-    return state.get_tensor_model_parallel_world_size(), state.get_tensor_model_parallel_group()
+    return parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_group()
 
 
 def _all_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def _split(x: torch.Tensor, dim: int) -> torch.Tensor:
     if world == 1:
         return x
     size = divide(x.shape[dim], world, f"dim {dim} of a tensor of shape {tuple(x.shape)}")
-    rank = state.get_tensor_model_parallel_rank()
+    rank = parallel_state.get_tensor_model_parallel_rank()
     return x.narrow(dim, rank * size, size).contiguous()
 
 
@@ -145,7 +145,7 @@ class _ReduceScatterToSP(torch.autograd.Function):
 
 def _identity_at_tp1(fn):
     def wrapped(x, *args, **kwargs):
-        if state.get_tensor_model_parallel_world_size() == 1:
+        if parallel_state.get_tensor_model_parallel_world_size() == 1:
             return x
         return fn(x, *args, **kwargs)
     wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__

@@ -20,7 +20,7 @@ from typing import Dict
 
 import torch
 
-from megatron_alcot.parallel import device, state
+from megatron_alcot.parallel import device, parallel_state
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _TP_SEED_OFFSET = 2718
@@ -66,7 +66,7 @@ class RNGStatesTracker:
 
 def get_rng_tracker() -> RNGStatesTracker:
     """The process's tracker (kept in the process-group registry)."""
-    reg = state._REGISTRY
+    reg = parallel_state._REGISTRY
     if reg.rng_tracker is None:
         reg.rng_tracker = RNGStatesTracker()
     return reg.rng_tracker
@@ -78,4 +78,4 @@ def model_parallel_seed(seed: int) -> None:
     torch.manual_seed(seed)   # CPU and every CUDA device
     tracker = get_rng_tracker()
     tracker.reset()
-    tracker.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + state.get_tensor_model_parallel_rank())
+    tracker.add(MODEL_PARALLEL_RNG, seed + _TP_SEED_OFFSET + parallel_state.get_tensor_model_parallel_rank())

@@ -6,10 +6,10 @@ Ranks are laid out TP fastest, then DP, then PP (Megatron's ``tp-dp-pp`` order):
 
 Usage::
 
-    from megatron_alcot.parallel import state
-    state.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=1)
-    state.get_tensor_model_parallel_rank(), state.get_data_parallel_world_size()
-    state.destroy_model_parallel()
+    from megatron_alcot.parallel import parallel_state
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2, pipeline_model_parallel_size=1)
+    parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    parallel_state.destroy_model_parallel()
 
 Every getter works without ``torch.distributed``: sizes are 1, ranks 0 and groups ``None``.
 When ``torch.distributed`` is initialised but :func:`initialize_model_parallel` was not called,
@@ -102,7 +102,7 @@ def initialize_model_parallel(tensor_model_parallel_size: int = 1,
     tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
     if _REGISTRY.initialized:
         raise RuntimeError("model parallel groups are already initialised; "
-                           "call state.destroy_model_parallel() first")
+                           "call parallel_state.destroy_model_parallel() first")
     world = _global_world()
     if not _dist_on() and tp * pp > 1:
         raise RuntimeError(f"tensor-model-parallel size {tp} x pipeline-model-parallel size {pp} needs "
