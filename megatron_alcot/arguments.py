@@ -74,10 +74,9 @@ class _Parser(argparse.ArgumentParser):
 _METAVARS = {int: "N", float: "X"}
 
 
-def _add_flags(group, section: str, spec: FlagSpec) -> None:
+def _add_flags(group, dest: str, spec: FlagSpec, default_note: Optional[str] = None) -> None:
     """The argparse options of one config field. Every default is None, so a flag left out keeps the
-    field's own default; the help shows that default."""
-    dest = f"{section}__{spec.name}"
+    field's own default; the help shows that default (or ``default_note``)."""
     text = spec.help.replace("%", "%%")
     if spec.kind == "switch":
         shown = " (default: on)" if spec.default and spec.flags else ""
@@ -92,8 +91,21 @@ def _add_flags(group, section: str, spec: FlagSpec) -> None:
         kwargs["metavar"] = spec.metavar or _METAVARS.get(spec.type, "VALUE")
     if spec.kind == "list":
         kwargs["nargs"] = "*"
-    shown = "" if spec.default in (None, "") else f" (default: {spec.default})".replace("%", "%%")
+    default = default_note if default_note is not None else spec.default
+    shown = "" if default in (None, "") else f" (default: {default})".replace("%", "%%")
     group.add_argument(*spec.flags, help=text + shown, **kwargs)
+
+
+def add_config_flags(parser, cls, names: Sequence[str], default_note: str) -> None:
+    """Give another tool the flags of some fields of config ``cls``, exactly as pretrain_alcot.py
+    declares them (name, type, choices, help); unset they parse to None (``default_note`` says what
+    the tool does then). ``args.<field>`` holds each value.
+
+        add_config_flags(parser, ModelConfig, ["latent_method", "seq_length"], "from the HF config")
+    """
+    specs = {spec.name: spec for spec in flag_specs(cls)}
+    for name in names:
+        _add_flags(parser, name, specs[name], default_note)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     for section, cls in config_sections().items():
         group = parser.add_argument_group(f"{section} ({cls.__name__})", cls.__doc__.split("\n")[0])
         for spec in flag_specs(cls):
-            _add_flags(group, section, spec)
+            _add_flags(group, f"{section}__{spec.name}", spec)
     return parser
 
 

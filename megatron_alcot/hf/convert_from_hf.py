@@ -132,7 +132,9 @@ def convert_from_hf(load: str, save: str, target_tp: int = 1, target_pp: int = 1
     return save
 
 
-def get_args(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_alcot.arguments import add_config_flags
+    from megatron_alcot.config import ModelConfig
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="Hugging Face model directory (config.json + safetensors)")
@@ -141,21 +143,17 @@ def get_args(argv=None):
     p.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     p.add_argument("--iteration", type=int, default=0, help="iteration number to write (default 0)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the fresh latent parameters")
-    p.add_argument("--latent-method", default=None, help="vanilla|alcot|loop|pause|ponder (default: as in "
-                   "the HF config; vanilla for a stock LLaMA)")
-    p.add_argument("--latent-max-steps", type=int, default=None)
-    p.add_argument("--latent-threshold", type=float, default=None)
-    p.add_argument("--latent-router-init-prob", type=float, default=None)
-    p.add_argument("--latent-loss-weight", type=float, default=None)
-    p.add_argument("--latent-loss-beta", type=float, default=None)
-    p.add_argument("--latent-loss-scope", default=None, choices=("continued", "decided"))
-    p.add_argument("--latent-readout", default=None)
-    p.add_argument("--latent-embed-scale", type=float, default=None,
-                   help="token-embedding scale s (default for a stock LLaMA: 1, i.e. unchanged)")
-    p.add_argument("--seq-length", type=int, default=None)
-    p.add_argument("--make-vocab-size-divisible-by", type=int, default=None)
+    model = p.add_argument_group("model settings, as pretrain_alcot.py has them",
+                                 "Left out: as in the HF config (a stock LLaMA: --latent-method vanilla, "
+                                 "--latent-embed-scale 1, so step 0 is the original model).")
+    add_config_flags(model, ModelConfig, LATENT_FLAGS + ("seq_length", "make_vocab_size_divisible_by"),
+                     "from the HF config")
     p.add_argument("--overwrite", action="store_true")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -107,6 +107,19 @@ def test_help_shows_each_flag_with_its_text_and_default():
                 assert helps[spec.flags[0]].endswith(f"(default: {spec.default})"), spec.name
 
 
+def test_convert_from_hf_takes_the_model_flags_as_pretrain_declares_them():
+    from megatron_alcot.hf.convert_from_hf import LATENT_FLAGS, build_parser as hf_parser
+    names = LATENT_FLAGS + ("seq_length", "make_vocab_size_divisible_by")
+    ours = {a.dest: a for a in hf_parser()._actions}
+    theirs = {a.dest: a for a in build_parser()._actions}
+    for name in names:
+        a, b = ours[name], theirs[f"model__{name}"]
+        assert (a.option_strings, a.type, a.choices, a.default) == (b.option_strings, b.type, b.choices, None)
+        assert a.help.split(" (default:")[0] == b.help.split(" (default:")[0]
+    with pytest.raises(SystemExit):         # choices come with the declaration
+        hf_parser().parse_args(["--load", "a", "--save", "b", "--latent-readout", "logits"])
+
+
 def test_flag_metadata_drives_switches_lists_and_types():
     @dataclasses.dataclass
     class Example:
