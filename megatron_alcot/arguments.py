@@ -83,7 +83,7 @@ def _add_flags(group, dest: str, spec: FlagSpec, default_note: Optional[str] = N
         for name in spec.flags:
             group.add_argument(name, dest=dest, action="store_true", default=None, help=text + shown)
         if spec.off is not None:
-            off_help = f"turn off {spec.flags[0]}" if spec.flags else text
+            off_help = f"turn off {spec.flags[0]} ({text})" if spec.flags else text
             group.add_argument(spec.off, dest=dest, action="store_false", default=None, help=off_help)
         return
     kwargs = dict(dest=dest, default=None, type=spec.type, choices=spec.choices)

@@ -89,10 +89,22 @@ def is_internal(f: dataclasses.Field) -> bool:
 
 
 def flag_name(name: str) -> str:
-    """The flag of field ``name`` in error messages: ``latent_max_steps`` -> ``--latent-max-steps``."""
+    """``latent_max_steps`` -> ``--latent-max-steps``: the flag spelling of a name that has no field."""
     return "--" + name.replace("_", "-")
 
 
-def check_choice(name: str, value, choices) -> None:
+def flag_of(config, name: str) -> str:
+    """The flag declared on field ``name`` of ``config`` (an instance or class), for error messages; a
+    field without a flag (``internal``) is spelt as :func:`flag_name` does."""
+    meta = next(f.metadata for f in dataclasses.fields(config) if f.name == name).get("flag")
+    if meta is None:
+        return flag_name(name)
+    return (meta["flags"] or (meta["off"],))[0]
+
+
+def check_choice(config, name: str) -> None:
+    """Raise ConfigError when field ``name`` of ``config`` is not one of the choices declared on it."""
+    field = next(f for f in dataclasses.fields(config) if f.name == name)
+    choices, value = field.metadata["flag"]["choices"], getattr(config, name)
     if value not in choices:
-        raise ConfigError(f"{flag_name(name)} {value!r} is unknown; choose one of {', '.join(choices)}")
+        raise ConfigError(f"{flag_of(config, name)} {value!r} is unknown; choose one of {', '.join(choices)}")

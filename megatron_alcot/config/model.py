@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
-from megatron_alcot.config.fields import ConfigError, check_choice, flag, flag_name, internal
+from megatron_alcot.config.fields import ConfigError, check_choice, flag, flag_of, internal
 from megatron_alcot.config.parallel import ParallelConfig
 
 LATENT_METHODS = ("vanilla", "alcot", "loop", "pause", "ponder")
@@ -35,7 +35,7 @@ class ModelConfig:
     hidden_size: int = flag("--hidden-size", default=64, help="model width h")
     ffn_hidden_size: Optional[int] = flag(
         "--ffn-hidden-size", default=None, help="SwiGLU inner width (default: LLaMA's 8/3·h rounded up to 64)")
-    num_attention_heads: int = flag("--num-attention-heads", default=4, help="query heads")
+    num_attention_heads: int = flag("--num-attention-heads", default=4, help="attention (query) heads")
     num_query_groups: Optional[int] = flag(
         "--num-query-groups", default=None,
         help="key/value heads for grouped-query attention; must divide the heads (default: one per head, MHA)")
@@ -155,17 +155,17 @@ class ModelConfig:
                     "make_vocab_size_divisible_by")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"{flag_name(name)} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"{flag_of(self, name)} must be positive, got {getattr(self, name)}")
         for name in ("ffn_hidden_size", "num_query_groups", "kv_channels", "init_method_std", "latent_prob_chunk"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ConfigError(f"{flag_name(name)} must be positive when set, got {value}")
+                raise ConfigError(f"{flag_of(self, name)} must be positive when set, got {value}")
         if self.norm_epsilon <= 0 or self.rotary_base <= 0:
             raise ConfigError(f"--norm-epsilon ({self.norm_epsilon}) and --rotary-base "
                               f"({self.rotary_base}) must be positive")
         for name in ("attention_dropout", "hidden_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{flag_name(name)} must lie in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{flag_of(self, name)} must lie in [0, 1), got {getattr(self, name)}")
         if self.latent_embed_scale is not None and self.latent_embed_scale < 0:
             raise ConfigError(f"--latent-embed-scale must be >= 0 (0 disables scaling), "
                               f"got {self.latent_embed_scale}")
@@ -180,10 +180,9 @@ class ModelConfig:
             raise ConfigError(
                 f"--num-attention-heads {self.num_attention_heads} is not divisible by "
                 f"--num-query-groups {self.query_groups}")
-        for name, choices in (("attention_backend", ATTENTION_BACKENDS), ("cpu_gemm_backend", GEMM_BACKENDS),
-                              ("latent_method", LATENT_METHODS), ("latent_readout", LATENT_READOUTS),
-                              ("latent_loss_scope", LATENT_LOSS_SCOPES)):
-            check_choice(name, getattr(self, name), choices)
+        for name in ("attention_backend", "cpu_gemm_backend", "latent_method", "latent_readout",
+                     "latent_loss_scope"):
+            check_choice(self, name)
         if self.cpu_gemm_backend == "onednn" and not _has_onednn():
             raise ConfigError("--cpu-gemm-backend onednn: this torch build has no oneDNN "
                               "(torch.backends.mkldnn.is_available() is False); use auto or torch")

@@ -62,7 +62,7 @@ class ParallelConfig:
             raise ConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} × "
                 f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes")
-        check_choice("pipeline_schedule", self.pipeline_schedule, PIPELINE_SCHEDULES)
+        check_choice(self, "pipeline_schedule")
         if self.pipeline_max_in_flight is not None and self.pipeline_max_in_flight < 1:
             raise ConfigError(f"--pipeline-max-in-flight {self.pipeline_max_in_flight}: give at least 1 "
                               "(or leave it out: twice as many micro-batches as pipeline stages)")

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from megatron_alcot.config.fields import ConfigError, check_choice, flag, flag_name
+from megatron_alcot.config.fields import ConfigError, check_choice, flag, flag_of
 
 LR_DECAY_STYLES = ("cosine", "linear", "constant")
 RECOMPUTE_GRANULARITIES = ("full", "selective")
@@ -60,7 +60,7 @@ class OptimizerConfig:
             raise ConfigError("--lr and --min-lr must be >= 0")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr {self.min_lr} is larger than --lr {self.lr}")
-        check_choice("lr_decay_style", self.lr_decay_style, LR_DECAY_STYLES)
+        check_choice(self, "lr_decay_style")
         if self.lr_warmup_fraction is not None:
             if self.lr_warmup_iters:
                 raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are exclusive; give one")
@@ -78,7 +78,7 @@ class OptimizerConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{flag_name(name)} must lie in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{flag_of(self, name)} must lie in [0, 1), got {getattr(self, name)}")
         if self.adam_eps <= 0:
             raise ConfigError(f"--adam-eps must be positive, got {self.adam_eps}")
         if self.clip_grad < 0:
@@ -231,7 +231,7 @@ class TrainConfig:
         for name in ("eval_interval", "save_interval", "exit_interval"):
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise ConfigError(f"{flag_name(name)} must be positive, got {value}")
+                raise ConfigError(f"{flag_of(self, name)} must be positive, got {value}")
         if self.eval_iters < 0:
             raise ConfigError(f"--eval-iters must be >= 0, got {self.eval_iters}")
         if self.save_interval is not None and self.save is None:

@@ -3,6 +3,8 @@ has none), every declared flag is in the parser exactly once, and a real command
 configs with exactly the values it names (everything else keeps the field's default)."""
 import argparse
 import dataclasses
+import os
+import re
 
 import pytest
 
@@ -105,6 +107,20 @@ def test_help_shows_each_flag_with_its_text_and_default():
             assert spec.help.replace("%", "%%") in helps[(spec.flags or (spec.off,))[0]], spec.name
             if spec.kind != "switch" and spec.default not in (None, ""):
                 assert helps[spec.flags[0]].endswith(f"(default: {spec.default})"), spec.name
+
+
+def test_error_messages_name_only_flags_that_exist():
+    """A message that tells the user to change a flag names one the parser has (one did not)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    known = {opt for action in build_parser()._actions for opt in action.option_strings}
+    files = [os.path.join("megatron_alcot", "config", name) for name in
+             ("model.py", "parallel.py", "data.py", "training.py", "compat.py")]
+    files += [os.path.join("megatron_alcot", *path) for path in
+              (("arguments.py",), ("data", "utils.py"), ("data", "builder.py"), ("data", "blended_dataset.py"))]
+    for path in files:
+        with open(os.path.join(root, path)) as f:
+            named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*[a-z0-9]", f.read()))
+        assert named <= known, (path, sorted(named - known))
 
 
 def test_convert_from_hf_takes_the_model_flags_as_pretrain_declares_them():
