@@ -39,7 +39,7 @@ from megatron_alcot.parallel.tensor_parallel import gemm  # noqa: E402
 from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 from megatron_alcot.training.compile import apply_torch_compile  # noqa: E402
 from megatron_alcot.training.ddp import DistributedDataParallel  # noqa: E402
-from megatron_alcot.training.train_step import StepContext, make_forward_step, train_step  # noqa: E402
+from megatron_alcot.training.train_step import IterationContext, make_forward_step, train_step  # noqa: E402
 
 
 GOAL = 1.1          # the default path's aim over HF, every shape and precision
@@ -80,7 +80,7 @@ class Ours:
         opt = build_optimizer(model, optim_cfg, TrainConfig(train_iters=10))
         sched = OptimizerParamScheduler.from_config(opt, optim_cfg, 10 ** 6)
         device = torch.device("cpu")
-        self.ctx = StepContext(model=ddp, optimizer=opt, scheduler=sched, model_cfg=cfg,
+        self.ctx = IterationContext(model=ddp, optimizer=opt, scheduler=sched, model_cfg=cfg,
                                num_microbatches=1, device=device, autocast_dtype=dtype)
         self.forward_step = make_forward_step(cfg, device, dtype, None)
 

@@ -7,7 +7,7 @@ peak memory. Writes docs/bench_gpu.md.
 Stages (each records its result or its error on the page; one failing stage does not stop the rest):
 
 1. ``equivalence`` (fp32, TF32 off): ALCoT's parallel forward against token-by-token decoding with
-   the (layer, step) KV cache (logits, halting); the lap-mask attention core (FlexAttention) against
+   the (layer, lap) KV cache (logits, halting); the lap-mask attention core (FlexAttention) against
    SDPA with the dense mask, outputs and gradients; routers under bf16 autocast against the fp32
    router (bit-equal g, same halting) and g at initialisation = 0.9.
 2. ``mfu``: a 1.4B-shaped vanilla LLaMA (``--layers`` of its 24; fp32 parameters, bf16 autocast,
@@ -42,7 +42,7 @@ from megatron_alcot.model.compaction import Compaction  # noqa: E402
 from megatron_alcot.model.kv_cache import LatentKVCache, decode  # noqa: E402
 from megatron_alcot.model.lap_attention import LapMask  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
-from megatron_alcot.model.router import halting_step  # noqa: E402
+from megatron_alcot.model.router import halting_update  # noqa: E402
 from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, matched against torch.cuda.get_device_name.
@@ -134,17 +134,17 @@ def check_bf16_routers(device, smoke):
     init_err = (g0.double() - 0.9).abs().max().item()
     _random_routers(model, 0.15)
     with torch.autocast(device.type, dtype=torch.bfloat16):
-        out = model(tokens, labels=tokens, return_step_hidden=True)
+        out = model(tokens, labels=tokens, return_lap_hidden=True)
     out.loss.backward()
     reach = torch.ones_like(out.exit_mass[..., 0])
     active = torch.ones_like(reach, dtype=torch.bool)
     equal = True
-    for k, h in enumerate(out.step_hidden[:3]):
+    for k, h in enumerate(out.lap_hidden[:3]):
         lin = model.latent.routers[k]
         ref = torch.sigmoid(torch.nn.functional.linear(h.float(), lin.weight, lin.bias).squeeze(-1))
         equal &= bool(torch.equal(out.continue_prob[..., k], torch.where(active, ref, 0.0)))
-        reach, cont, _ = halting_step(reach, ref, active, cfg.latent_threshold, k)
-        equal &= bool(torch.equal(out.step_executed[k + 1], cont))
+        reach, cont, _ = halting_update(reach, ref, active, cfg.latent_threshold, k)
+        equal &= bool(torch.equal(out.lap_executed[k + 1], cont))
         active = cont
     return dict(ok=equal and init_err <= torch.finfo(torch.float32).eps,
                 detail=f"g at init |g - 0.9| {init_err:.1e}; g bit-equal to fp32 router and same "

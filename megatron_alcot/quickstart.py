@@ -142,12 +142,13 @@ def _train(ctx: Context, method: str) -> None:
     history = train(argv)
     final = history.evals[-1] if history.evals else {}
     ctx.results[method] = {
-        "train_loss": [s["loss"] for s in history.steps],
-        "train_lm_loss": [s["lm_loss"] for s in history.steps],
+        "train_loss": [s["loss"] for s in history.iterations],
+        "train_lm_loss": [s["lm_loss"] for s in history.iterations],
         "valid_lm_loss": final.get("lm_loss"), "valid_ppl": final.get("ppl"),
         "valid_mean_latent_steps": final.get("mean_latent_steps"),
         "valid_depth_share": final.get("depth_share"),
-        "train_mean_latent_steps_last": history.steps[-1]["mean_latent_steps"] if history.steps else None,
+        "train_mean_latent_steps_last": (history.iterations[-1]["mean_latent_steps"]
+                                         if history.iterations else None),
         "iterations": history.iteration, "consumed_samples": history.consumed_samples,
         "checkpoint": ctx.checkpoint(method), "argv": argv,
     }

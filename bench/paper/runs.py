@@ -147,8 +147,8 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
         "evals": [{"iteration": e["iteration"], "tokens_seen": e["iteration"] * gbs * seq,
                    "ppl": e["ppl"], "lm_loss": e["lm_loss"], "mean_latent_steps": e["mean_latent_steps"]}
                   for e in history.evals if e],
-        "train_lm_loss": [s["lm_loss"] for s in history.steps],
-        "train_mean_latent_steps": [s["mean_latent_steps"] for s in history.steps],
+        "train_lm_loss": [s["lm_loss"] for s in history.iterations],
+        "train_mean_latent_steps": [s["mean_latent_steps"] for s in history.iterations],
         "seconds": round(seconds, 1), "started_at": start, "finished_at": start + seconds,
         "exit_reason": history.exit_reason,
     }

@@ -8,7 +8,7 @@ adapter for native checkpoints (``lm_eval_adapter.py``), and decoding for the to
 
 ``generate_tokens`` decodes one prompt with a native model (a :class:`perplexity.NativeScorer` or
 the model itself) through :func:`megatron_alcot.model.generation.generate`: the prompt is one
-parallel pass that fills the (layer, step) KV cache, then every new token runs its latent steps
+parallel pass that fills the (layer, lap) KV cache, then every new token runs its latent steps
 against the cache, which equals re-running the parallel forward (docs/method.md §8; ``use_cache=False``
 does that, as a reference). ``steps[i]`` is ℓ of the position that predicted token i. Exports
 decode with their own ``model.generate()`` (``tools/generate.py --hf``).

@@ -7,7 +7,7 @@
 Text mode prints the prompt, then each generated token as ``piece[ℓ]`` (ℓ = latent steps of the
 position that predicted it: 0 = answered at once, ℓmax = thought the longest), then a legend and
 the mean. ``--json`` prints ``{"prompt", "text", "tokens": [{"id", "piece", "latent_steps"}],
-"mean_latent_steps", "histogram"}``. Native checkpoints decode on the (layer, step) KV cache
+"mean_latent_steps", "histogram"}``. Native checkpoints decode on the (layer, lap) KV cache
 (``megatron_alcot.model.generation.generate``; ``--no-cache`` re-runs the parallel forward per token
 instead, the exact reference); exports use their own ``generate()`` with its KV cache.
 """
@@ -55,8 +55,8 @@ def run_hf(args):
     return ids, steps, pieces, tok.decode(ids), int(getattr(model.config, "max_latent_steps", 0) or 0)
 
 
-def render(prompt, ids, steps, pieces, text, max_steps, as_json: bool) -> str:
-    hist = [0] * (max(steps + [max_steps]) + 1)
+def render(prompt, ids, steps, pieces, text, max_latent_steps, as_json: bool) -> str:
+    hist = [0] * (max(steps + [max_latent_steps]) + 1)
     for s in steps:
         hist[max(s, 0)] += 1
     mean = sum(steps) / len(steps) if steps else 0.0
@@ -67,7 +67,7 @@ def render(prompt, ids, steps, pieces, text, max_steps, as_json: bool) -> str:
                                       for i, p, s in zip(ids, pieces, steps)]}, indent=2, ensure_ascii=False)
     marked = "".join(f"{p}[{s}]" for p, s in zip(pieces, steps))
     return (f"{prompt}{text}\n\n{prompt}{marked}\n\n"
-            f"legend: piece[ℓ] = the token was emitted after ℓ latent steps (0..{max_steps}); "
+            f"legend: piece[ℓ] = the token was emitted after ℓ latent steps (0..{max_latent_steps}); "
             f"mean {mean:.2f}; histogram {dict(enumerate(hist))}")
 
 
@@ -93,11 +93,11 @@ def main(argv=None) -> int:
         print("error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 1
     try:
-        ids, steps, pieces, text, max_steps = run_hf(args) if args.hf else run_native(args)
+        ids, steps, pieces, text, max_latent_steps = run_hf(args) if args.hf else run_native(args)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(render(args.prompt, ids, steps, pieces, text, max_steps, args.json))
+    print(render(args.prompt, ids, steps, pieces, text, max_latent_steps, args.json))
     return 0
 
 

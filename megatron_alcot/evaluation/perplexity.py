@@ -44,7 +44,7 @@ class Scorer:
     vocab_size: int
     eod: Optional[int] = None
     bos: Optional[int] = None
-    max_steps: int = 0
+    max_latent_steps: int = 0
 
     def forward(self, tokens: torch.Tensor):
         """``tokens [1, n]`` -> (log-probs ``[1, n, V]`` fp32, num_steps ``[1, n]``)."""
@@ -78,7 +78,7 @@ def evaluate_token_documents(scorer: Scorer, docs: Iterable[Sequence[int]], wind
     if prefix is None or prefix < 0:
         raise ValueError("no prefix token: the tokenizer has no EOD; pass --prefix-token ID")
     total_ll, total_tokens, docs_n = 0.0, 0, 0
-    hist = [0] * (scorer.max_steps + 1)
+    hist = [0] * (scorer.max_latent_steps + 1)
     per_doc = []
     for tokens in docs:
         if len(tokens) == 0:
@@ -120,7 +120,7 @@ class NativeScorer(Scorer):
         self.model = model.eval()
         self.cfg = model_cfg
         self.vocab_size = model_cfg.vocab_size
-        self.max_steps = model_cfg.max_latent_steps
+        self.max_latent_steps = model_cfg.max_latent_steps
         self.eod, self.bos = eod, bos
 
     @classmethod
@@ -147,7 +147,7 @@ class HFScorer(Scorer):
         self.model = model.eval()
         cfg = model.config
         self.vocab_size = cfg.vocab_size
-        self.max_steps = int(getattr(cfg, "max_latent_steps", 0) or 0)
+        self.max_latent_steps = int(getattr(cfg, "max_latent_steps", 0) or 0)
         eos = cfg.eos_token_id
         self.eod = eos[0] if isinstance(eos, (list, tuple)) else eos
         self.bos = cfg.bos_token_id

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 from megatron_alcot.config import ConfigError, ModelConfig
-from megatron_alcot.model.attention import StepKV
+from megatron_alcot.model.attention import LapKV
 from megatron_alcot.model.output import LapState, ModelOutput
 from megatron_alcot.model.stage import LlamaModel
 
@@ -37,4 +37,4 @@ def build_model(model_cfg: ModelConfig, parallel_cfg=None, pre_process: bool = T
     return LlamaModel(model_cfg, parallel_cfg, pre_process, post_process, layer_range, seed)
 
 
-__all__ = ["build_model", "LlamaModel", "LapState", "ModelOutput", "StepKV"]
+__all__ = ["build_model", "LlamaModel", "LapState", "ModelOutput", "LapKV"]

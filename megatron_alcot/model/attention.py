@@ -8,10 +8,10 @@ boolean mask built by :func:`attention_mask` from each block's ``order``/``valid
 
 Keys/values are stored per lap in the padded layout of that lap's queries::
 
-    kv = StepKV(order=comp.order, valid=comp.valid, keys=[k_layer0, ...], values=[...])
+    kv = LapKV(order=comp.order, valid=comp.valid, keys=[k_layer0, ...], values=[...])
     # keys[i]: [b, groups_per_rank, m_k, head_dim] for local layer i
 
-A decoding cache keyed by (layer, step) can hold the same blocks (one per step, appended to as
+A decoding cache keyed by (layer, lap) can hold the same blocks (one per lap, appended to as
 tokens arrive); a pipeline schedule can detach them at lap boundaries and feed their gradients back.
 
     attn = SelfAttention(cfg, sequence_parallel=False)
@@ -35,8 +35,8 @@ from megatron_alcot.parallel.tensor_parallel.layers import ColumnParallelLinear,
 
 
 @dataclass
-class StepKV:
-    """The keys/values one lap (step) produced in one stage's layers."""
+class LapKV:
+    """The keys/values one lap produced in one stage's layers."""
 
     order: torch.Tensor                 # [b, m] token index of each slot
     valid: torch.Tensor                 # [b, m] bool: slot holds an executed (t, k)

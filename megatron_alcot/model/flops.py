@@ -38,15 +38,15 @@ def dense_params(cfg) -> int:
     return cfg.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg.ffn_size)
 
 
-def executed_mask(num_steps: torch.Tensor, max_steps: int) -> torch.Tensor:
+def executed_mask(num_steps: torch.Tensor, max_latent_steps: int) -> torch.Tensor:
     """``[b, ℓmax+1, s]`` bool: (t, k) executed iff k ≤ ℓ_t."""
-    ks = torch.arange(max_steps + 1, device=num_steps.device)
+    ks = torch.arange(max_latent_steps + 1, device=num_steps.device)
     return ks[None, :, None] <= num_steps[:, None, :]
 
 
-def visible_key_pairs(num_steps: torch.Tensor, max_steps: int) -> int:
+def visible_key_pairs(num_steps: torch.Tensor, max_latent_steps: int) -> int:
     """Σ over executed queries (t, k) of the executed keys (t', k') with t' ≤ t, k' ≤ k."""
-    ex = executed_mask(num_steps, max_steps).to(torch.int64)
+    ex = executed_mask(num_steps, max_latent_steps).to(torch.int64)
     visible = ex.cumsum(dim=2).cumsum(dim=1)     # keys with t' ≤ t (inclusive), then k' ≤ k
     return int((visible * ex).sum())
 

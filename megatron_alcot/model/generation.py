@@ -1,4 +1,4 @@
-"""Text generation with the (layer, step) KV cache, reporting the latent steps of every token.
+"""Text generation with the (layer, lap) KV cache, reporting the latent steps of every token.
 
     from megatron_alcot.model.generation import generate
     res = generate(model, prompt_ids, max_new_tokens=20)                       # greedy

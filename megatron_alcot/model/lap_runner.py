@@ -6,7 +6,7 @@ A *latent method* is the per-method logic around the laps; it lives at ``model.l
 parameters are ``latent.*``) and implements four hooks, called by this loop or by a pipeline
 schedule on the right stage::
 
-    lap = method.first_lap(model, tokens, position_ids)      # first stage: LapState of step 0
+    lap = method.first_lap(model, tokens, position_ids)      # first stage: LapState of lap 0
     ctx = method.begin(model, lap, labels, loss_mask, ...)   # last stage: per-micro-batch accumulator
     hidden, kv = model.run_lap(lap, past)                     # every stage, every lap
     lap = method.end_lap(model, ctx, lap, hidden)             # last stage: next LapState or None
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from megatron_alcot.model.output import LapState, ModelOutput, masked_mean
-from megatron_alcot.model.router import Routers, check_halting, halting_step
+from megatron_alcot.model.router import Routers, check_halting, halting_update
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (chunked_target_prob,
                                                                    vocab_parallel_cross_entropy,
                                                                    vocab_parallel_log_softmax)
@@ -60,7 +60,7 @@ class LatentMethod(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
 
     def first_lap(self, model, tokens: torch.Tensor, position_ids=None) -> LapState:
-        """Step 0: ``s·E[x]`` for every token, all active, reach 1."""
+        """Lap 0: ``s·E[x]`` for every token, all active, reach 1."""
         x = model.embedding(tokens)
         if self.cfg.embed_scale != 1.0:
             x = x * self.cfg.embed_scale
@@ -82,13 +82,13 @@ class LatentMethod(nn.Module):
 class ALCoTContext:
     """Per-micro-batch accumulators of the last stage across laps."""
 
-    def __init__(self, lap: LapState, labels, loss_mask, halting, return_step_hidden, return_logits):
+    def __init__(self, lap: LapState, labels, loss_mask, halting, return_lap_hidden, return_logits):
         b, s = lap.active.shape
         self.labels = labels
         self.loss_mask = (loss_mask.float() if loss_mask is not None
                           else torch.ones(b, s, device=lap.active.device))
         self.halting = halting
-        self.return_step_hidden = return_step_hidden
+        self.return_lap_hidden = return_lap_hidden
         self.return_logits = return_logits
         self.readout = None                      # Σ e_k h_k (fp32), hidden readout
         self.penalty = torch.zeros(b, s, device=lap.active.device)
@@ -100,25 +100,25 @@ class ALCoTMethod(LatentMethod):
 
     def __init__(self, cfg, pre_process: bool = True, post_process: bool = True):
         super().__init__(cfg, pre_process, post_process)
-        self.max_steps = cfg.max_latent_steps
-        if post_process and self.max_steps > 0:
-            self.routers = Routers(cfg.hidden_size, self.max_steps, cfg.latent_router_init_prob)
+        self.max_latent_steps = cfg.max_latent_steps
+        if post_process and self.max_latent_steps > 0:
+            self.routers = Routers(cfg.hidden_size, self.max_latent_steps, cfg.latent_router_init_prob)
 
     def begin(self, model, lap, labels=None, loss_mask=None, halting="learned",
-              return_step_hidden=False, return_logits=None, **unused):
+              return_lap_hidden=False, return_logits=None, **unused):
         check_halting(halting)
         if return_logits is None:
             return_logits = labels is None
-        return ALCoTContext(lap, labels, loss_mask, halting, return_step_hidden, return_logits)
+        return ALCoTContext(lap, labels, loss_mask, halting, return_lap_hidden, return_logits)
 
     def end_lap(self, model, ctx: ALCoTContext, lap: LapState, hidden: torch.Tensor):
-        cfg, k = self.cfg, lap.step
+        cfg, k = self.cfg, lap.k
         h = model.decoder.final_layernorm(hidden)
         ctx.executed.append(lap.active)
         next_lap = None
-        if k < self.max_steps:
+        if k < self.max_latent_steps:
             g = self.routers.continue_prob(k, h)
-            r_next, cont, exit_mass = halting_step(lap.reach, g, lap.active, cfg.latent_threshold,
+            r_next, cont, exit_mass = halting_update(lap.reach, g, lap.active, cfg.latent_threshold,
                                                    k, ctx.halting)
             ctx.g.append(torch.where(lap.active, g, 0.0))
             penalize = ctx.labels is not None and cfg.latent_loss_weight > 0
@@ -139,9 +139,9 @@ class ALCoTMethod(LatentMethod):
         ctx.exit.append(exit_mass)
         if cfg.latent_readout == "hidden":
             # Without latent steps every exit mass is 1: skip the multiply (bit-identical).
-            term = h.float() if self.max_steps == 0 else exit_mass.unsqueeze(-1) * h.float()
+            term = h.float() if self.max_latent_steps == 0 else exit_mass.unsqueeze(-1) * h.float()
             ctx.readout = term if ctx.readout is None else ctx.readout + term
-        if cfg.latent_readout == "prob" or ctx.return_step_hidden:
+        if cfg.latent_readout == "prob" or ctx.return_lap_hidden:
             ctx.hidden.append(h)
         return next_lap
 
@@ -163,18 +163,18 @@ class ALCoTMethod(LatentMethod):
         return torch.where(sel, r_next * p.pow(cfg.latent_loss_beta), 0.0)
 
     def finish(self, model, ctx: ALCoTContext) -> ModelOutput:
-        steps = self.max_steps + 1
+        n_laps = self.max_latent_steps + 1
         b, s = ctx.loss_mask.shape
-        executed = torch.stack(ctx.executed + [torch.zeros_like(ctx.executed[0])] * (steps - len(ctx.executed)))
-        exit_mass = torch.stack(ctx.exit + [torch.zeros_like(ctx.exit[0])] * (steps - len(ctx.exit)), -1)
+        executed = torch.stack(ctx.executed + [torch.zeros_like(ctx.executed[0])] * (n_laps - len(ctx.executed)))
+        exit_mass = torch.stack(ctx.exit + [torch.zeros_like(ctx.exit[0])] * (n_laps - len(ctx.exit)), -1)
         out = ModelOutput(
             num_steps=executed[1:].sum(0).to(torch.int64),
             exit_mass=exit_mass,
-            step_active=executed.sum((1, 2)).to(torch.int64),
-            step_executed=executed,
-            continue_prob=(torch.stack(ctx.g + [torch.zeros_like(ctx.g[0])] * (self.max_steps - len(ctx.g)), -1)
+            lap_active=executed.sum((1, 2)).to(torch.int64),
+            lap_executed=executed,
+            continue_prob=(torch.stack(ctx.g + [torch.zeros_like(ctx.g[0])] * (n_laps - 1 - len(ctx.g)), -1)
                            if ctx.g else exit_mass.new_zeros(b, s, 0)),
-            step_hidden=ctx.hidden if ctx.return_step_hidden else None)
+            lap_hidden=ctx.hidden if ctx.return_lap_hidden else None)
         if self.cfg.latent_readout == "hidden":
             logits = None
             if ctx.labels is not None and not ctx.return_logits:
@@ -189,17 +189,17 @@ class ALCoTMethod(LatentMethod):
             tiny = torch.finfo(torch.float32).tiny
             log_e = [torch.where(ex, torch.log(torch.where(ex, e, 1.0).clamp_min(tiny)), float("-inf"))
                      for ex, e in zip(ctx.executed, ctx.exit)]
-            step_logits = [model.lm_head(h) for h in ctx.hidden]
+            lap_logits = [model.lm_head(h) for h in ctx.hidden]
             logits = None
             if ctx.labels is not None:
                 logp = torch.stack([le - vocab_parallel_cross_entropy(lg, ctx.labels)
-                                    for le, lg in zip(log_e, step_logits)])
+                                    for le, lg in zip(log_e, lap_logits)])
                 out.per_token_loss = -torch.logsumexp(logp, dim=0)
             if ctx.return_logits:
                 # log of the mixture Σ_k e_k softmax(logits_k): its softmax is the mixture itself.
                 logits = torch.logsumexp(torch.stack(
                     [le.unsqueeze(-1) + vocab_parallel_log_softmax(lg)
-                     for le, lg in zip(log_e, step_logits)]), dim=0)
+                     for le, lg in zip(log_e, lap_logits)]), dim=0)
         if ctx.return_logits:
             out.logits = logits
         if ctx.labels is not None:
@@ -214,9 +214,9 @@ def run_laps(model, tokens: torch.Tensor, labels=None, loss_mask=None, position_
              halting="learned", compact: bool = True, return_kv: bool = False, **options) -> ModelOutput:
     """Every lap of one micro-batch on a single stage, one autograd graph (PP = 1).
 
-    ``halting``: "learned" | "never" | "always" | fn(step, reach_next, active) -> bool mask
+    ``halting``: "learned" | "never" | "always" | fn(k, reach_next, active) -> bool mask
     (test hook). ``compact=False`` computes every token and masks instead of compacting.
-    ``options``: ``return_step_hidden``, ``return_logits`` (default: when ``labels`` is None).
+    ``options``: ``return_lap_hidden``, ``return_logits`` (default: when ``labels`` is None).
     """
     method = model.latent
     lap = method.first_lap(model, tokens, position_ids)

@@ -1,8 +1,8 @@
 """Routers and the halting rule of ALCoT (docs/method.md §4).
 
-    routers = Routers(hidden_size, max_steps=3, init_prob=0.9)   # latent.routers.{k}: fp32 h -> 1
+    routers = Routers(hidden_size, max_latent_steps=3, init_prob=0.9)   # latent.routers.{k}: fp32 h -> 1
     g = routers.continue_prob(k, h)                  # [b, s] fp32, sigmoid(w_k·h + b_k)
-    r_next, cont, e = halting_step(reach, g, active, tau, k, halting)
+    r_next, cont, e = halting_update(reach, g, active, tau, k, halting)
 
 Reach ``r_{t,0} = 1``, ``r_{t,k+1} = r_{t,k}·g_{t,k}``; step k+1 runs iff ``r_{t,k+1} >= τ`` (and the
 token ran step k); the exit mass of step k is ``r·(1-g)`` if the token goes on, else all of the
@@ -34,8 +34,8 @@ class Routers(nn.ModuleList):
     """One fp32 ``Linear(h, 1)`` per latent decision k < ℓmax (weight 0, bias logit(g_init));
     held as ``latent.routers`` so the parameters are ``latent.routers.{k}.weight/bias``."""
 
-    def __init__(self, hidden_size: int, max_steps: int, init_prob: float = 0.9):
-        super().__init__(nn.Linear(hidden_size, 1, dtype=torch.float32) for _ in range(max_steps))
+    def __init__(self, hidden_size: int, max_latent_steps: int, init_prob: float = 0.9):
+        super().__init__(nn.Linear(hidden_size, 1, dtype=torch.float32) for _ in range(max_latent_steps))
         with torch.no_grad():
             for r in self:
                 r.weight.zero_()
@@ -57,16 +57,16 @@ def router_logit(linear: nn.Linear, h: torch.Tensor) -> torch.Tensor:
 def check_halting(halting: Halting) -> None:
     if not callable(halting) and halting not in HALTING_MODES:
         raise ValueError(f"halting={halting!r}: use one of {', '.join(HALTING_MODES)} or a callable "
-                         "fn(step, reach_next, active) -> bool mask")
+                         "fn(k, reach_next, active) -> bool mask")
 
 
-def halting_step(reach: torch.Tensor, g: torch.Tensor, active: torch.Tensor, tau: float,
-                 step: int, halting: Halting = "learned"):
-    """(r_next, cont, exit_mass) after step ``step`` for tokens that ran it (``active``)."""
+def halting_update(reach: torch.Tensor, g: torch.Tensor, active: torch.Tensor, tau: float,
+                   k: int, halting: Halting = "learned"):
+    """(r_next, cont, exit_mass) after lap ``k`` for tokens that ran it (``active``)."""
     reach, g = reach.float(), g.float()
     r_next = reach * g
     if callable(halting):
-        go = halting(step, r_next, active).to(torch.bool)
+        go = halting(k, r_next, active).to(torch.bool)
     elif halting == "learned":
         go = r_next >= tau
     elif halting == "never":

@@ -2,13 +2,13 @@
 first stage and the final norm, LM head and latent-method parameters on the last stage.
 
     stage = LlamaModel(cfg, parallel_cfg, pre_process=True, post_process=True)
-    lap = stage.latent.first_lap(stage, tokens)                  # first stage, step 0
-    hidden, kv = stage.run_lap(lap, past=[kv_0, ..., kv_{k-1}])   # one lap (step k) through my layers
+    lap = stage.latent.first_lap(stage, tokens)                  # first stage, lap 0
+    hidden, kv = stage.run_lap(lap, past=[kv_0, ..., kv_{k-1}])   # lap k through my layers
     logits = stage.lm_head(h)                                     # last stage, vocab-parallel
 
 ``run_lap`` computes only the active tokens (compacted rows, see ``compaction.py``) and returns the
 full-shape hidden state (inactive tokens keep their input) and this lap's keys/values
-(``attention.StepKV``). It takes earlier laps' keys/values as explicit inputs, so a schedule can
+(``attention.LapKV``). It takes earlier laps' keys/values as explicit inputs, so a schedule can
 cut autograd at lap boundaries; with PP = 1 ``model(tokens, ...)`` runs every lap in one graph
 (``lap_runner.run_laps``).
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_alcot.model.attention import LapContext, StepKV
+from megatron_alcot.model.attention import LapContext, LapKV
 from megatron_alcot.model.lap_attention import LapMask
 from megatron_alcot.model.compaction import Compaction
 from megatron_alcot.model.llama import RMSNorm, TransformerLayer, init_parameters, skip_init
@@ -134,19 +134,19 @@ class LlamaModel(nn.Module):
         return masked_mean(per_token, loss_mask.float()), per_token
 
     # --- one lap ------------------------------------------------------------------------------
-    def run_lap(self, lap: LapState, past: Sequence[StepKV] = (),
-                compact: bool = True) -> Tuple[torch.Tensor, StepKV]:
-        """Step ``lap.step`` of the active tokens through this stage's layers.
+    def run_lap(self, lap: LapState, past: Sequence[LapKV] = (),
+                compact: bool = True) -> Tuple[torch.Tensor, LapKV]:
+        """Lap ``lap.k`` of the active tokens through this stage's layers.
 
-        ``past``: this stage's StepKV of the laps whose keys the lap may see (steps < k for
-        ALCoT). Returns (hidden ``[b, s, h]``, this lap's StepKV). ``compact=False`` computes every
+        ``past``: this stage's LapKV of the laps whose keys the lap may see (laps < k for
+        ALCoT). Returns (hidden ``[b, s, h]``, this lap's LapKV). ``compact=False`` computes every
         token and masks (the reference for compaction).
         """
         comp = Compaction.build(lap.active, compact, lap.sizes)
         layers = list(self.decoder.layers.values())
         if comp.n == 0:
             empty = lap.hidden.new_zeros(comp.batch, 0, 0, 0)
-            return lap.hidden, StepKV(comp.order, comp.valid, [empty] * len(layers), [empty] * len(layers))
+            return lap.hidden, LapKV(comp.order, comp.valid, [empty] * len(layers), [empty] * len(layers))
         b, s = lap.active.shape
         positions = lap.position_ids
         if positions is None:
@@ -174,7 +174,7 @@ class LlamaModel(nn.Module):
             values.append(v)
         if self.sequence_parallel:
             rows = mappings.gather_from_sequence_parallel_region(rows, 0, False)
-        return comp.scatter(lap.hidden, rows[: comp.n]), StepKV(comp.order, comp.valid, keys, values)
+        return comp.scatter(lap.hidden, rows[: comp.n]), LapKV(comp.order, comp.valid, keys, values)
 
     # --- PP = 1 convenience ---------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, labels: Optional[torch.Tensor] = None,

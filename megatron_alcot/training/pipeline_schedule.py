@@ -55,7 +55,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_alcot.model.attention import StepKV
+from megatron_alcot.model.attention import LapKV
 from megatron_alcot.model.output import LapState, ModelOutput
 from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.pipeline import p2p
@@ -113,8 +113,8 @@ class _Lap:
 
     x: torch.Tensor                        # input (a leaf unless it is stage 0's embedding)
     y: torch.Tensor                        # output of this stage's layers
-    kv: Optional[StepKV]                   # this lap's keys/values (graph outputs)
-    kv_leaf: Optional[StepKV]              # the detached copy later laps attend to
+    kv: Optional[LapKV]                    # this lap's keys/values (graph outputs)
+    kv_leaf: Optional[LapKV]               # the detached copy later laps attend to
     y_leaf: Optional[torch.Tensor] = None  # last stage: ``end_lap``'s input
     h_next: Optional[torch.Tensor] = None  # last stage: the next lap's input (sent to stage 0)
 
@@ -162,8 +162,8 @@ def default_forward_step(batch, model):
     return out.loss, info
 
 
-def _leaf_kv(kv: StepKV) -> StepKV:
-    return StepKV(kv.order, kv.valid, [k.detach().requires_grad_() for k in kv.keys],
+def _leaf_kv(kv: LapKV) -> LapKV:
+    return LapKV(kv.order, kv.valid, [k.detach().requires_grad_() for k in kv.keys],
                   [v.detach().requires_grad_() for v in kv.values])
 
 
@@ -227,12 +227,12 @@ class _LapPipeline:
         hidden = msg.hidden.to(self.dtype)
         if self.training:
             hidden = hidden.detach().requires_grad_()
-        return LapState(hidden, msg.active, msg.reach, msg.step, msg.position_ids, sizes=msg.sizes)
+        return LapState(hidden, msg.active, msg.reach, msg.lap, msg.position_ids, sizes=msg.sizes)
 
     # --- forward lap -----------------------------------------------------------------------------
     def _run_lap(self, mb: _MicroBatch, lap: LapState) -> torch.Tensor:
         if self.trace is not None:
-            self.trace.append((mb.index, lap.step))
+            self.trace.append((mb.index, lap.k))
         reuse = self.method.reuse_kv
         past = [rec.kv_leaf for rec in mb.laps] if reuse else ()
         with self._autocast():
@@ -253,15 +253,15 @@ class _LapPipeline:
         """Run this stage's lap; the message for the next stage."""
         y = self._run_lap(mb, lap)
         if not self.last:
-            return LapMessage(LAP, mb.index, lap.step, y, lap.active, lap.reach, lap.position_ids,
+            return LapMessage(LAP, mb.index, lap.k, y, lap.active, lap.reach, lap.position_ids,
                               sizes=lap.sizes)
-        if lap.step == 0:
+        if lap.k == 0:
             with self._autocast():
                 mb.ctx = self.method.begin(self.stage, lap, labels=mb.batch["labels"],
                                            loss_mask=mb.batch.get("loss_mask"),
                                            halting=self._halting(mb.index))
         else:
-            lap = LapState(lap.hidden, lap.active, mb.pending.reach, lap.step, lap.position_ids, sizes=lap.sizes)
+            lap = LapState(lap.hidden, lap.active, mb.pending.reach, lap.k, lap.position_ids, sizes=lap.sizes)
         rec = mb.laps[-1]
         rec.y_leaf = y.detach().requires_grad_() if self.training else y
         with self._autocast():
@@ -271,10 +271,10 @@ class _LapPipeline:
                 out = self.method.finish(self.stage, mb.ctx)
             mb.loss, self.infos[mb.index] = self.forward_step_func(mb.batch, _FinishedModel(out))
             mb.ctx = mb.pending = None
-            return LapMessage(DONE, mb.index, lap.step, aux=len(mb.laps))
+            return LapMessage(DONE, mb.index, lap.k, aux=len(mb.laps))
         rec.h_next = nxt.hidden
         mb.pending = nxt
-        return LapMessage(LAP, mb.index, nxt.step, nxt.hidden, nxt.active, nxt.reach, nxt.position_ids,
+        return LapMessage(LAP, mb.index, nxt.k, nxt.hidden, nxt.active, nxt.reach, nxt.position_ids,
                           sizes=nxt.sizes)
 
     # --- backward lap ----------------------------------------------------------------------------
@@ -359,7 +359,7 @@ class _LapPipeline:
                     injected += 1
             else:
                 if incoming.kind == LAP:
-                    if incoming.step == 0:
+                    if incoming.lap == 0:
                         self._new_mb(incoming.micro_batch)
                     out = self._forward_lap(self.mbs[incoming.micro_batch], self._lap_from(incoming))
             ran_forward = out.kind in (LAP, DONE)
@@ -433,7 +433,7 @@ def forward_backward_pipelining_with_laps(*, forward_step_func: Optional[Callabl
     ``no_sync`` and the caller's ``finish_grad_sync`` reduces. ``halting``: one mode or callable for
     all micro-batches, or a list with one per micro-batch. ``order``: ``"1f1b"`` (backward as soon
     as a micro-batch finished, at most ``max_in_flight`` (default 2·P) alive) or ``"gpipe"`` (every
-    backward after every forward). ``lap_trace``: a list that receives ``(micro_batch, step)`` for
+    backward after every forward). ``lap_trace``: a list that receives ``(micro_batch, k)`` for
     every forward lap this stage runs; ``stats``: a :class:`ScheduleStats` to fill.
 
     Returns the last stage's infos in micro-batch order; ``[]`` on the other stages.

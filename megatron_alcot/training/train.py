@@ -2,7 +2,7 @@
 
     from megatron_alcot.training.train import train
     history = train(["--num-layers", "2", "--hidden-size", "64", ..., "--train-iters", "20"])
-    history.steps[-1]["loss"], history.evals[-1]["ppl"], history.exit_reason
+    history.iterations[-1]["loss"], history.evals[-1]["ppl"], history.exit_reason
 
 ``train`` does what ``pretrain_alcot.py`` does: parse the flags, validate the whole configuration
 (``ConfigError`` naming the flag, before any compute), set up ``torch.distributed`` and the process
@@ -53,7 +53,7 @@ from megatron_alcot.training.compile import apply_torch_compile
 from megatron_alcot.training import signals
 from megatron_alcot.training.recompute import apply_recompute
 from megatron_alcot.training.timers import Timers
-from megatron_alcot.training.train_step import StepContext, make_forward_step, train_step
+from megatron_alcot.training.train_step import IterationContext, make_forward_step, train_step
 
 
 class NanSkipLimitError(RuntimeError):
@@ -62,7 +62,7 @@ class NanSkipLimitError(RuntimeError):
 
 @dataclass
 class History:
-    steps: List[dict] = field(default_factory=list)     # one record per iteration run here
+    iterations: List[dict] = field(default_factory=list)  # one record per iteration run here
     evals: List[dict] = field(default_factory=list)
     iteration: int = 0
     consumed_samples: int = 0
@@ -199,7 +199,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
     meter = FlopsMeter(args.model, tp=args.parallel.tensor_model_parallel_size)
     autocast_dtype = _autocast_dtype(args)
     forward_step = make_forward_step(args.model, device, autocast_dtype, meter)
-    ctx = StepContext(model=ddp, optimizer=optimizer, scheduler=scheduler, model_cfg=args.model,
+    ctx = IterationContext(model=ddp, optimizer=optimizer, scheduler=scheduler, model_cfg=args.model,
                       num_microbatches=num_micro, device=device, flops_meter=meter,
                       autocast_dtype=autocast_dtype, pipeline_model_parallel_size=pp,
                       pipeline_schedule=args.parallel.pipeline_schedule,
@@ -233,7 +233,7 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                       "grad_norm": stats.grad_norm, "updated": stats.updated,
                       "nan_skip": stats.nan_skip, "mean_latent_steps": stats.mean_latent_steps,
                       "depth_counts": stats.depth_counts, "loss_scale": stats.loss_scale}
-            history.steps.append(record)
+            history.iterations.append(record)
             window.add(stats, timers.elapsed("step"))
             if stats.nan_skip:
                 logger.print(f"iteration {iteration}: NaN/Inf loss or gradient norm (loss {stats.loss}, "

@@ -1,6 +1,6 @@
 """One training iteration: forward-backward over the micro-batches, gradient sync, optimizer step.
 
-    ctx = StepContext(model=ddp, optimizer=opt, scheduler=sched, model_cfg=cfg, num_microbatches=8,
+    ctx = IterationContext(model=ddp, optimizer=opt, scheduler=sched, model_cfg=cfg, num_microbatches=8,
                       autocast_dtype=torch.bfloat16, device=device, flops_meter=meter)
     stats = train_step(ctx, data_iterator)
     stats.loss, stats.updated, stats.nan_skip, stats.grad_norm, stats.depth_counts
@@ -34,7 +34,7 @@ from megatron_alcot.training.schedules import get_forward_backward_func
 
 
 @dataclass
-class StepContext:
+class IterationContext:
     model: torch.nn.Module                  # DistributedDataParallel-wrapped model
     optimizer: object                       # optim.MegatronOptimizer
     scheduler: object                       # optim.OptimizerParamScheduler
@@ -50,7 +50,7 @@ class StepContext:
 
 
 @dataclass
-class StepStats:
+class IterationStats:
     loss: float
     lm_loss: float
     latent_loss: float
@@ -124,10 +124,10 @@ def reduce_stats(infos: List[torch.Tensor]) -> torch.Tensor:
     return total
 
 
-def unpack_stats(total: torch.Tensor) -> StepStats:
+def unpack_stats(total: torch.Tensor) -> IterationStats:
     values = total.tolist()       # one read of the step's statistics
     n = max(values[3], 1.0)
-    return StepStats(loss=values[0] / n, lm_loss=values[1] / n, latent_loss=values[2] / n,
+    return IterationStats(loss=values[0] / n, lm_loss=values[1] / n, latent_loss=values[2] / n,
                      tokens=int(values[4]), flops=values[5], depth_counts=values[6:])
 
 
@@ -149,7 +149,8 @@ def gather_stage_infos(infos: List[torch.Tensor], model_cfg, device: torch.devic
     return [torch.stack(infos).sum(0).to(_reduce_on(device))]    # one copy per step, not per micro-batch
 
 
-def deepspeed_train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Callable) -> StepStats:
+def deepspeed_train_step(ctx: IterationContext, data_iterator: Iterator,
+                         forward_step: Callable) -> IterationStats:
     """The same iteration through a DeepSpeed engine: ``engine.backward`` divides each micro-batch
     loss by its ``gradient_accumulation_steps`` (= ``num_microbatches``; not divided again here) and
     reduces over DP; ``engine.step()`` updates on the last micro-batch. DeepSpeed skips an update
@@ -175,7 +176,8 @@ def deepspeed_train_step(ctx: StepContext, data_iterator: Iterator, forward_step
     return stats
 
 
-def train_step(ctx: StepContext, data_iterator: Iterator, forward_step: Optional[Callable] = None) -> StepStats:
+def train_step(ctx: IterationContext, data_iterator: Iterator,
+               forward_step: Optional[Callable] = None) -> IterationStats:
     model, optimizer = ctx.model, ctx.optimizer
     forward_step = forward_step or make_forward_step(ctx.model_cfg, ctx.device, ctx.autocast_dtype,
                                                      ctx.flops_meter)

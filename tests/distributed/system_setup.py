@@ -344,7 +344,7 @@ def _reference(argv: tuple) -> tuple:
             os.environ.pop("MEGATRON_ALCOT_DEVICE")
         else:
             os.environ["MEGATRON_ALCOT_DEVICE"] = device
-    return tuple({k: float(step[k]) for k in CURVE_KEYS} for step in history.steps)
+    return tuple({k: float(step[k]) for k in CURVE_KEYS} for step in history.iterations)
 
 
 def reference_curve(argv: Sequence[str]) -> List[dict]:

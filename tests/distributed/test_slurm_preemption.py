@@ -93,7 +93,7 @@ def _uninterrupted(rank, world, argv):
     torch.set_num_threads(1)
     history = train(argv + ["--quiet"])
     return [(s["iteration"], s["loss"], s["lm_loss"], s["latent_loss"], s["grad_norm"])
-            for s in history.steps]
+            for s in history.iterations]
 
 
 def _script_argv(repo, env, flags):

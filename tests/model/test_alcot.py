@@ -101,7 +101,7 @@ def test_exit_mass_matches_direct_formula():
     reach = torch.cumprod(g, -1)
     below = torch.cat([reach < model.config.latent_threshold, torch.ones(B, S, 1, dtype=torch.bool)], -1)
     assert torch.equal(ell, below.int().argmax(-1))
-    assert torch.equal(out.step_active, out.step_executed.sum((1, 2)))
+    assert torch.equal(out.lap_active, out.lap_executed.sum((1, 2)))
 
 
 def test_compaction_equals_compute_all_and_mask():
@@ -158,7 +158,7 @@ def test_lap_cut_backward_equals_one_graph():
     laps, past_leaves = [], []          # per lap: (input leaf, next-lap hidden, kv, kv leaves)
     while lap is not None:
         x = lap.hidden
-        if lap.step > 0:
+        if lap.k > 0:
             x = lap.hidden.detach().requires_grad_()
             lap.hidden = x
         leaves = [_leaf_kv(kv) for kv in [entry[2] for entry in laps]]

@@ -1,4 +1,4 @@
-"""Incremental decoding with the (layer, step) KV cache equals the parallel training forward:
+"""Incremental decoding with the (layer, lap) KV cache equals the parallel training forward:
 same halting decisions, logits within 1e-5 (fp32), the cache holds exactly Σ_t (1+ℓ_t) entries per
 layer; greedy generation equals the argmax of the parallel forward re-run on the growing sequence."""
 import pytest
@@ -39,7 +39,7 @@ def _decode_stepwise(model, tokens, halting, prefill=0):
 def _check_margin(out):
     """Learned decisions must not sit on τ, or 1e-7 float noise could flip them."""
     reach = torch.cumprod(out.continue_prob, -1)
-    ran = out.step_executed[:-1].permute(1, 2, 0)
+    ran = out.lap_executed[:-1].permute(1, 2, 0)
     assert (reach - TAU).abs()[ran].min() > 1e-4
 
 
@@ -58,10 +58,10 @@ def test_token_by_token_decoding_equals_parallel_forward(halting, readout):
         assert set(full.num_steps.unique().tolist()) == expected   # learned: some halt at every step
         if halting == "learned":
             _check_margin(full)
-        # Exactly the executed (t, k) entries, per layer and per step.
+        # Exactly the executed (t, k) entries, per layer and per lap.
         assert cache.num_entries() == int((1 + full.num_steps).sum())
         for k in range(K + 1):
-            assert cache.num_entries(step=k) == int((full.num_steps >= k).sum())
+            assert cache.num_entries(k=k) == int((full.num_steps >= k).sum())
         if b == 1:
             assert cache.allocated_entries() == cache.num_entries()
 

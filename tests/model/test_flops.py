@@ -102,4 +102,4 @@ def test_counter_reads_num_steps_of_a_real_forward():
             r.weight.normal_(0, 0.3)
     out = model(torch.randint(0, 256, (2, 8)))
     parts = flops.flops_breakdown(cfg, out.num_steps)
-    assert parts["token_passes"] == int(out.step_active.sum())
+    assert parts["token_passes"] == int(out.lap_active.sum())

@@ -27,7 +27,7 @@ def _laps(model, tokens, halting, perturb=None, compact=True):
     past, result = [], []
     while lap is not None:
         if perturb is not None:
-            lap = perturb(lap.step, lap)
+            lap = perturb(lap.k, lap)
         hidden, kv = model.run_lap(lap, past, compact=compact)
         past.append(kv)
         result.append((model.decoder.final_layernorm(hidden), lap.active))
@@ -43,11 +43,11 @@ def test_future_tokens_do_not_leak(method, halting):
     tokens = torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(0))
     changed = tokens.clone()
     changed[:, T0:] = (changed[:, T0:] + 1 + torch.arange(S - T0)) % 256
-    a = model(tokens, halting=halting, return_step_hidden=True)
-    b = model(changed, halting=halting, return_step_hidden=True)
+    a = model(tokens, halting=halting, return_lap_hidden=True)
+    b = model(changed, halting=halting, return_lap_hidden=True)
     assert torch.equal(a.num_steps[:, :T0], b.num_steps[:, :T0])
-    assert len(a.step_hidden) == (1 if method == "vanilla" else 4)
-    for ha, hb, ex in zip(a.step_hidden, b.step_hidden, a.step_executed):
+    assert len(a.lap_hidden) == (1 if method == "vanilla" else 4)
+    for ha, hb, ex in zip(a.lap_hidden, b.lap_hidden, a.lap_executed):
         ran = ex[:, :T0]
         torch.testing.assert_close(ha[:, :T0][ran], hb[:, :T0][ran], atol=1e-6, rtol=1e-6)
         assert not torch.allclose(ha[:, T0:][ex[:, T0:]], hb[:, T0:][ex[:, T0:]])
@@ -67,7 +67,7 @@ def test_deeper_and_later_inputs_do_not_leak(halting, compact):
             return lap
         hidden = lap.hidden.clone()
         hidden[:, T1] += 3.0
-        return LapState(hidden, lap.active, lap.reach, lap.step, lap.position_ids)
+        return LapState(hidden, lap.active, lap.reach, lap.k, lap.position_ids)
 
     # Halting decisions follow the perturbed states, so compare under the same decisions.
     executed = [ex for _, ex in base]
@@ -97,7 +97,7 @@ def test_inputs_of_unexecuted_tokens_are_invisible(compact):
             return lap
         hidden = lap.hidden.clone()
         hidden[:, halt_t] = torch.randn(B, hidden.shape[-1]) * 5
-        return LapState(hidden, lap.active, lap.reach, lap.step, lap.position_ids)
+        return LapState(hidden, lap.active, lap.reach, lap.k, lap.position_ids)
 
     base = _laps(model, tokens, rule, compact=compact)
     moved = _laps(model, tokens, rule, perturb, compact=compact)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from alcot_reference import routers_random
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
-from megatron_alcot.model.router import Routers, halting_step, router_logit
+from megatron_alcot.model.router import Routers, halting_update, router_logit
 
 B, S = 3, 16
 
@@ -39,12 +39,12 @@ def test_router_of_bf16_weights_is_evaluated_in_fp32():
     assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
-def test_halting_step_keeps_fp32_near_saturation():
+def test_halting_update_keeps_fp32_near_saturation():
     g = torch.tensor([[0.999, 0.9999, 0.99]], dtype=torch.float32)
     reach = torch.ones_like(g)
     active = torch.ones_like(g, dtype=torch.bool)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        r_next, cont, e = halting_step(reach, g, active, 0.5, 0)
+        r_next, cont, e = halting_update(reach, g, active, 0.5, 0)
     assert r_next.dtype == e.dtype == torch.float32
     assert torch.equal(e, 1.0 - g)          # (1 - g) keeps its fp32 bits
 
@@ -59,18 +59,18 @@ def test_alcot_under_bf16_autocast_routes_in_fp32(readout):
     tokens = torch.randint(0, 256, (B, S), generator=g)
     labels = torch.randint(0, 256, (B, S), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(tokens, labels=labels, return_step_hidden=True)
+        out = model(tokens, labels=labels, return_lap_hidden=True)
     out.loss.backward()
     assert out.continue_prob.dtype == out.exit_mass.dtype == torch.float32
     # g of every lap bit-equal to the fp32 router applied to the same hidden state (outside
     # autocast), and the halting decisions those fp32 values imply are the ones taken.
     reach = torch.ones(B, S)
     active = torch.ones(B, S, dtype=torch.bool)
-    for k, h in enumerate(out.step_hidden[:3]):
+    for k, h in enumerate(out.lap_hidden[:3]):
         ref_g = _fp32_router(model, k, h)
         assert torch.equal(out.continue_prob[..., k], torch.where(active, ref_g, 0.0)), k
-        r_next, cont, e = halting_step(reach, ref_g, active, cfg.latent_threshold, k)
-        assert torch.equal(out.step_executed[k + 1], cont), k
+        r_next, cont, e = halting_update(reach, ref_g, active, cfg.latent_threshold, k)
+        assert torch.equal(out.lap_executed[k + 1], cont), k
         assert torch.equal(out.exit_mass[..., k], e), k
         reach, active = r_next, cont
     assert len(out.num_steps.unique()) >= 2       # uneven halting is exercised

@@ -44,7 +44,7 @@ GRID = {
 
 
 def _curve(history):
-    return [(s["loss"], s["grad_norm"], s["mean_latent_steps"]) for s in history.steps]
+    return [(s["loss"], s["grad_norm"], s["mean_latent_steps"]) for s in history.iterations]
 
 
 def _grid_in_world(rank, world, points):

@@ -45,9 +45,9 @@ def routers_random(model, std=0.15, seed=0):
             r.bias.fill_(0.5)
 
 
-def halt_after_step1(step, reach_next, active):
-    """Every token stops after step 1: the micro-batch is all halted with laps 2.. left."""
-    return torch.full_like(active, step < 1)
+def halt_after_lap1(k, reach_next, active):
+    """Every token stops after lap 1: the micro-batch is all halted with laps 2.. left."""
+    return torch.full_like(active, k < 1)
 
 
 def _reference(cfg, batches, halting):
@@ -172,7 +172,7 @@ def _check(payloads, cases):
 def _pp2_cases():
     cases = [
         {"name": "alcot-learned-mixed-tied", "cfg": _cfg(untie_embeddings_and_output_weights=False),
-         "batches": _batches(0), "halting": ["learned", halt_after_step1, "never"]},
+         "batches": _batches(0), "halting": ["learned", halt_after_lap1, "never"]},
         {"name": "alcot-learned-split-1-3-trainer-step", "cfg": _cfg(), "split": "1,3", "trainer_step": True,
          "batches": _batches(1), "halting": "learned"},
         {"name": "alcot-never", "cfg": _cfg(latent_max_steps=2), "batches": _batches(2, 2),
@@ -185,9 +185,9 @@ def _pp2_cases():
         {"name": "alcot-forward-only", "cfg": _cfg(), "batches": _batches(6), "halting": "learned",
          "forward_only": True},
         {"name": "alcot-gpipe-order", "cfg": _cfg(), "batches": _batches(9, 4), "order": "gpipe",
-         "halting": [halt_after_step1, "learned", "never", "learned"]},
+         "halting": [halt_after_lap1, "learned", "never", "learned"]},
         {"name": "alcot-one-in-flight", "cfg": _cfg(), "batches": _batches(10), "max_in_flight": 1,
-         "halting": ["never", halt_after_step1, "learned"]},
+         "halting": ["never", halt_after_lap1, "learned"]},
     ]
     for case in cases:
         case["pp"] = 2
@@ -211,10 +211,10 @@ def test_pp4_uneven_and_pp2_tp2():
     cases = [{"name": "pp4-uneven", "pp": 4,
               "cfg": _cfg(num_layers=5, untie_embeddings_and_output_weights=False),
               "split": "2,1,1,1", "batches": _batches(7, 4), "max_in_flight": 3,
-              "halting": ["learned", halt_after_step1, "learned", "always"]},
+              "halting": ["learned", halt_after_lap1, "learned", "always"]},
              {"name": "pp4-1f1b-4-alive-of-6", "pp": 4, "cfg": _cfg(), "max_in_flight": 4,
               "batches": _batches(11, 6),
-              "halting": ["never", halt_after_step1, "learned", "always", "learned", halt_after_step1]},
+              "halting": ["never", halt_after_lap1, "learned", "always", "learned", halt_after_lap1]},
              {"name": "pp2-tp2", "pp": 2, "tp": 2, "cfg": _cfg(untie_embeddings_and_output_weights=False),
               "batches": _batches(8), "halting": "learned"}]
     _check(run_distributed(_pipeline_body, 4, cases), cases)

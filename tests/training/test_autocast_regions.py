@@ -62,7 +62,7 @@ def _step(batch, model):
 
 
 @pytest.mark.parametrize("region", [True, False])
-def test_pp1_one_weight_copy_per_step(region):
+def test_pp1_one_weight_copy_per_iteration(region):
     model = build_model(_cfg(), seed=3)
     copies = _WeightCopies(model)
     ctx = weight_cast_region(torch.device("cpu"), torch.bfloat16) if region else contextlib.nullcontext()
@@ -88,7 +88,7 @@ def _pipeline_body(rank, world):
 
 
 @pytest.mark.slow
-def test_lap_pipeline_one_weight_copy_per_step():
+def test_lap_pipeline_one_weight_copy_per_iteration():
     """3 micro-batches x 4 laps on each of 2 stages: every lap's graph holds the same bf16 copy."""
     for payload in run_distributed(_pipeline_body, 2):
         got = torch.load(io.BytesIO(payload), weights_only=True)

@@ -28,7 +28,7 @@ ARGV = tiny_argv(train_iters=4, clip_grad=0.5, eval_iters=1, eval_interval=2)
 def _curve(history):
     """Per training step (loss terms, grad norm, depth, lr), then per evaluation (loss, depth)."""
     return [(s["loss"], s["lm_loss"], s["latent_loss"], s["grad_norm"], s["mean_latent_steps"],
-             s["lr"]) for s in history.steps] + \
+             s["lr"]) for s in history.iterations] + \
         [(e["loss"], e["lm_loss"], e["mean_latent_steps"]) for e in history.evals]
 
 
@@ -89,7 +89,7 @@ def test_deepspeed_config_disagreeing_with_flags_is_a_config_error(tmp_path):
 
 
 def _resume_traces(rank, world, cases):
-    steps = lambda h: [(s["iteration"], s["loss"], s["grad_norm"], s["lr"]) for s in h.steps]  # noqa: E731
+    steps = lambda h: [(s["iteration"], s["loss"], s["grad_norm"], s["lr"]) for s in h.iterations]  # noqa: E731
     return [(steps(train(straight)), steps(train(first)) + steps(train(second)))
             for straight, first, second in cases]
 
@@ -123,4 +123,4 @@ def test_deepspeed_resume_is_bitwise_exact_and_checkpoints_serve_other_runs(tmp_
     with pytest.raises(CheckpointError, match="deepspeed's format"):
         train(base + ["--load", dirs[3]])
     weights_only = train(base + ["--load", dirs[3], "--no-load-optim", "--exit-interval", "5"])
-    assert [s["iteration"] for s in weights_only.steps] == [5]
+    assert [s["iteration"] for s in weights_only.iterations] == [5]

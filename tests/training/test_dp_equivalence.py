@@ -13,7 +13,7 @@ ARGV = tiny_argv(train_iters=5, clip_grad=0.5)
 
 def _curve(history):
     return [(s["loss"], s["lm_loss"], s["latent_loss"], s["grad_norm"], s["mean_latent_steps"])
-            for s in history.steps]
+            for s in history.iterations]
 
 
 def _train_in_world(rank, world, argv):

@@ -25,7 +25,7 @@ def _poison(iterations):
     return hook
 
 
-def test_nan_step_is_skipped_and_logged():
+def test_nan_iteration_is_skipped_and_logged():
     snapshots = []
 
     def hook(model):
@@ -35,7 +35,7 @@ def test_nan_step_is_skipped_and_logged():
     out = io.StringIO()
     history = train(tiny_argv(train_iters=5, quiet=False, max_nan_skips=2), on_model_built=hook,
                     stream=out)
-    steps = history.steps
+    steps = history.iterations
     assert [s["nan_skip"] for s in steps] == [False, False, True, False, False]
     assert [s["updated"] for s in steps] == [True, True, False, True, True]
     # the schedule does not advance on a skipped step: iteration 4 uses iteration 3's LR

@@ -22,7 +22,7 @@ PP2 = ["--pipeline-model-parallel-size", "2"]
 
 def _curve(history):
     steps = [(s["loss"], s["lm_loss"], s["latent_loss"], s["grad_norm"], s["mean_latent_steps"])
-             for s in history.steps]
+             for s in history.iterations]
     evals = [(e["loss"], e["lm_loss"], e["mean_latent_steps"]) for e in history.evals]
     return steps, evals
 

@@ -31,7 +31,7 @@ def _argv(**kw):
 
 def _trace(history):
     return [(s["iteration"], s["loss"], s["lm_loss"], s["latent_loss"], s["grad_norm"], s["lr"])
-            for s in history.steps]
+            for s in history.iterations]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_resume_is_bitwise_exact(tmp_path, reference):
     first = train(_argv(save=d, exit_interval=3))
     assert first.exit_reason == "interval" and latest_iteration(d) == 3
     second = train(_argv(save=d, load=d, exit_interval=6))
-    assert [s["iteration"] for s in second.steps] == [4, 5, 6]
+    assert [s["iteration"] for s in second.iterations] == [4, 5, 6]
     assert _trace(first) + _trace(second) == reference[:6]
     assert second.consumed_samples == 6 * 8
 

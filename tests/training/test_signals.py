@@ -79,7 +79,7 @@ def _duration_exit(rank, world, save):
 
 
 @pytest.mark.slow
-def test_exit_duration_stops_every_rank_after_the_same_step(tmp_path):
+def test_exit_duration_stops_every_rank_after_the_same_iteration(tmp_path):
     out = run_distributed(_duration_exit, 2, str(tmp_path), nccl_like=True)
     assert out == [("duration", 1)] * 2
     assert json.loads((tmp_path / "last_exit.json").read_text())["reason"] == "duration"

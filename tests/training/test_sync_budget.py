@@ -62,7 +62,7 @@ def test_forward_backward_syncs_per_lap(method):
         with SyncCounter() as syncs:
             out = model(tokens, labels=labels, **kw)
             out.loss.backward()
-        laps = int(out.step_executed.any(-1).any(-1).sum()) if method == "alcot" else None
+        laps = int(out.lap_executed.any(-1).any(-1).sum()) if method == "alcot" else None
         if method == "alcot":
             assert laps == 4 and syncs.total == min(laps, 3), syncs.by_op
         else:
@@ -71,15 +71,15 @@ def test_forward_backward_syncs_per_lap(method):
     assert len(counts) == 1          # independent of batch size and sequence length
 
 
-def _step_syncs(monkeypatch, **flags):
-    per_step = []
+def _iteration_syncs(monkeypatch, **flags):
+    per_iteration = []
     real_step, real_flops = REAL_TRAIN_STEP, REAL_FLOPS
 
     def counted_step(*args, **kwargs):
         with SyncCounter() as syncs:
             FlopsMeter._counter_for_test = syncs
             stats = real_step(*args, **kwargs)
-        per_step.append(syncs.total)
+        per_iteration.append(syncs.total)
         return stats
 
     def host_flops(self, num_steps):
@@ -92,16 +92,16 @@ def _step_syncs(monkeypatch, **flags):
     monkeypatch.setattr(train_module, "train_step", counted_step)
     monkeypatch.setattr(FlopsMeter, "micro_batch_flops", host_flops)
     train_module.train(tiny_argv(train_iters=2, save=False, latent_threshold=0.5, **flags))
-    return per_step
+    return per_iteration
 
 
 @pytest.mark.slow
-def test_training_step_budget(monkeypatch):
+def test_training_iteration_budget(monkeypatch):
     """2 laps' router decisions (ℓmax 2, g at init 0.9 > τ: every token continues) per micro-batch,
     one FLOPs copy per micro-batch, STEP_OVERHEAD per step; the same at two sequence lengths and
     batch sizes."""
     micro = 8 // 2                       # global batch 8, micro-batch 2, one DP rank
-    short = _step_syncs(monkeypatch, seq_length=32, micro_batch_size=2)
-    long = _step_syncs(monkeypatch, seq_length=64, micro_batch_size=4, global_batch_size=16)
+    short = _iteration_syncs(monkeypatch, seq_length=32, micro_batch_size=2)
+    long = _iteration_syncs(monkeypatch, seq_length=64, micro_batch_size=4, global_batch_size=16)
     assert short == [micro * (2 + 1) + STEP_OVERHEAD] * 2, short
     assert long == short, (short, long)

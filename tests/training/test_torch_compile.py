@@ -10,7 +10,7 @@ from megatron_alcot.training.train import train
 
 
 def _curve(history):
-    return [(s["loss"], s["grad_norm"], s.get("mean_latent_steps")) for s in history.steps]
+    return [(s["loss"], s["grad_norm"], s.get("mean_latent_steps")) for s in history.iterations]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,

@@ -16,7 +16,7 @@ KW = dict(train_iters=3, num_layers=2, latent_threshold=0.5, latent_router_init_
 
 
 def _curve(history):
-    return [(s["loss"], s["grad_norm"], s.get("mean_latent_steps")) for s in history.steps]
+    return [(s["loss"], s["grad_norm"], s.get("mean_latent_steps")) for s in history.iterations]
 
 
 def _train_in_world(rank, world, argv):

@@ -15,7 +15,7 @@ def test_loop_lowers_loss_and_logs(tmp_path):
     history = train(tiny_argv(train_iters=8, quiet=False, log_interval=4, eval_interval=4,
                               eval_iters=1, tensorboard_dir=str(tb), peak_flops=1.0,
                               recompute_granularity="full"), stream=out)
-    losses = [s["loss"] for s in history.steps]
+    losses = [s["loss"] for s in history.iterations]
     assert losses[-1] < losses[0] - 0.3
     text = out.getvalue()
     for needle in ("iter 4/8", "samples 32", "lm ", "lat ", "lr ", "gnorm", "tok/s", "TFLOP/s",
@@ -33,12 +33,12 @@ def test_bf16_vanilla_and_exit_interval():
     history = train(tiny_argv(train_iters=6, bf16=None, latent_method="vanilla", exit_interval=3,
                               save=False))
     assert history.exit_reason == "interval" and history.iteration == 3
-    assert all(s["mean_latent_steps"] == 0.0 for s in history.steps)
-    assert history.steps[-1]["loss"] < history.steps[0]["loss"]
+    assert all(s["mean_latent_steps"] == 0.0 for s in history.iterations)
+    assert history.iterations[-1]["loss"] < history.iterations[0]["loss"]
 
 
 def test_fp16_dynamic_loss_scale_runs():
     history = train(tiny_argv(train_iters=3, fp16=None, initial_loss_scale=2 ** 40))
     # the huge initial scale overflows first; the scaler backs off and training proceeds
-    assert history.steps[0]["loss_scale"] <= 2 ** 40
-    assert not any(s["nan_skip"] for s in history.steps)
+    assert history.iterations[0]["loss_scale"] <= 2 ** 40
+    assert not any(s["nan_skip"] for s in history.iterations)

@@ -38,7 +38,7 @@ class FixedDepthMethod(LatentMethod):
 
     def __init__(self, cfg, pre_process: bool = True, post_process: bool = True):
         super().__init__(cfg, pre_process, post_process)
-        self.max_steps = cfg.latent_max_steps
+        self.max_latent_steps = cfg.latent_max_steps
 
     def token_shape(self, lap) -> tuple:
         """(batch, tokens) of the micro-batch from a lap state (pause laps are longer)."""
@@ -55,14 +55,14 @@ class FixedDepthMethod(LatentMethod):
         if not fused:
             logits = ctx.logits if ctx.logits is not None else model.lm_head(ctx.final_hidden)
         b, s = ctx.loss_mask.shape
-        k1 = self.max_steps + 1
+        k1 = self.max_latent_steps + 1
         device = ctx.loss_mask.device
         out = ModelOutput(
-            num_steps=torch.full((b, s), self.max_steps, dtype=torch.int64, device=device),
+            num_steps=torch.full((b, s), self.max_latent_steps, dtype=torch.int64, device=device),
             # all mass on the last step (one_hot would check its input's range: two host syncs)
-            exit_mass=(torch.arange(k1, device=device) == self.max_steps).float().expand(b, s, k1).clone(),
-            step_active=torch.full((k1,), b * s, dtype=torch.int64, device=device),
-            step_executed=torch.ones(k1, b, s, dtype=torch.bool, device=device))
+            exit_mass=(torch.arange(k1, device=device) == k1 - 1).float().expand(b, s, k1).clone(),
+            lap_active=torch.full((k1,), b * s, dtype=torch.int64, device=device),
+            lap_executed=torch.ones(k1, b, s, dtype=torch.bool, device=device))
         if ctx.return_logits:
             out.logits = logits
         if ctx.labels is not None:

@@ -17,7 +17,7 @@ class LoopMethod(FixedDepthMethod):
     reuse_kv = False
 
     def end_lap(self, model, ctx, lap: LapState, hidden):
-        if lap.step < self.max_steps:
-            return LapState(hidden, lap.active, lap.reach, lap.step + 1, lap.position_ids, lap.sizes)
+        if lap.k < self.max_latent_steps:
+            return LapState(hidden, lap.active, lap.reach, lap.k + 1, lap.position_ids, lap.sizes)
         ctx.final_hidden = model.decoder.final_layernorm(hidden)
         return None

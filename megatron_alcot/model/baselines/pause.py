@@ -34,17 +34,17 @@ class PauseMethod(FixedDepthMethod):
 
     @property
     def slots(self) -> int:
-        return self.max_steps + 1
+        return self.max_latent_steps + 1
 
     def token_shape(self, lap) -> tuple:
         b, n = lap.active.shape
         return b, n // self.slots
 
     def first_lap(self, model, tokens: torch.Tensor, position_ids=None) -> LapState:
-        step0 = super().first_lap(model, tokens, position_ids)
+        lap0 = super().first_lap(model, tokens, position_ids)
         b, s = tokens.shape
-        u = step0.hidden
-        pause = self.pause_embedding.to(u.dtype).expand(b, s, self.max_steps, -1)
+        u = lap0.hidden
+        pause = self.pause_embedding.to(u.dtype).expand(b, s, self.max_latent_steps, -1)
         x = torch.cat([u.unsqueeze(2), pause], dim=2).reshape(b, s * self.slots, -1)
         if position_ids is None:
             position_ids = torch.arange(s, device=tokens.device).expand(b, s)

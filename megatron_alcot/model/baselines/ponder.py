@@ -39,19 +39,19 @@ class PonderMethod(FixedDepthMethod):
 
     def begin(self, model, lap, labels=None, loss_mask=None, **options):
         ctx = super().begin(model, lap, labels=labels, loss_mask=loss_mask, **options)
-        ctx.step0_input = lap.hidden
+        ctx.lap0_input = lap.hidden
         return ctx
 
     def end_lap(self, model, ctx, lap: LapState, hidden):
         logits = model.lm_head(model.decoder.final_layernorm(hidden))
-        if lap.step == self.max_steps:
+        if lap.k == self.max_latent_steps:
             ctx.logits = logits
             return None
         probs = ponder_probs(logits)
         weight = model.embedding.word_embeddings.weight
         mixed = mappings.reduce_from_tensor_model_parallel_region(probs.to(weight.dtype) @ weight)
-        x = ctx.step0_input + self.cfg.embed_scale * mixed
-        return LapState(x.to(ctx.step0_input.dtype), lap.active, lap.reach, lap.step + 1,
+        x = ctx.lap0_input + self.cfg.embed_scale * mixed
+        return LapState(x.to(ctx.lap0_input.dtype), lap.active, lap.reach, lap.k + 1,
                         lap.position_ids, lap.sizes)
 
 

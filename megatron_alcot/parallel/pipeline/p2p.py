@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 BUBBLE, LAP, DONE, STOP, GRAD = 0, 1, 2, 3, 4
 KIND_NAMES = ("bubble", "lap", "done", "stop", "grad")
-HEADER = 6                      # [kind, micro_batch, step, aux, size0, size1]
+HEADER = 6                      # [kind, micro_batch, lap, aux, size0, size1]
 _TAG_FWD_HEAD, _TAG_BWD_HEAD, _TAG_HIDDEN, _TAG_REACH, _TAG_META, _TAG_GRAD = range(1, 7)
 
 
@@ -65,7 +65,7 @@ class LapMessage:
 
     kind: int
     micro_batch: int = -1
-    step: int = 0
+    lap: int = 0
     hidden: Optional[torch.Tensor] = None          # [b, s, h]
     active: Optional[torch.Tensor] = None          # [b, s] bool
     reach: Optional[torch.Tensor] = None           # [b, s] fp32
@@ -74,17 +74,17 @@ class LapMessage:
     sizes: Optional[Tuple[int, int]] = None        # the lap's host-known sizes (LAP), if any
 
     def __repr__(self) -> str:
-        return f"LapMessage({KIND_NAMES[self.kind]}, micro_batch={self.micro_batch}, step={self.step})"
+        return f"LapMessage({KIND_NAMES[self.kind]}, micro_batch={self.micro_batch}, lap={self.lap})"
 
 
 @dataclass
 class GradMessage:
-    """Backward direction: the gradient of lap ``step`` of ``micro_batch``'s input (GRAD), or
+    """Backward direction: the gradient of ``micro_batch``'s input to lap ``lap`` (GRAD), or
     nothing (BUBBLE)."""
 
     kind: int = BUBBLE
     micro_batch: int = -1
-    step: int = 0
+    lap: int = 0
     grad: Optional[torch.Tensor] = None            # [b, s, h]
 
 
@@ -103,10 +103,10 @@ class StageLink:
         self._fwd_head: Optional[Header] = None
 
     # --- sending ---------------------------------------------------------------------------------
-    def _header(self, kind: int, micro_batch: int, step: int, aux: int,
+    def _header(self, kind: int, micro_batch: int, lap: int, aux: int,
                 sizes: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         size0, size1 = sizes if sizes is not None else (-1, -1)
-        return torch.tensor([kind, micro_batch, step, aux, size0, size1], dtype=torch.int64,
+        return torch.tensor([kind, micro_batch, lap, aux, size0, size1], dtype=torch.int64,
                             device=self.spec.device)
 
     def _isend(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
@@ -118,9 +118,9 @@ class StageLink:
     def post_round(self, fwd: LapMessage, bwd: GradMessage) -> None:
         """Send this round's two messages and post the receives of the next round's headers."""
         self.wait_sends()
-        self._isend(self._header(fwd.kind, fwd.micro_batch, fwd.step, fwd.aux, fwd.sizes), self.next,
+        self._isend(self._header(fwd.kind, fwd.micro_batch, fwd.lap, fwd.aux, fwd.sizes), self.next,
                     _TAG_FWD_HEAD)
-        self._isend(self._header(bwd.kind, bwd.micro_batch, bwd.step, 0), self.prev, _TAG_BWD_HEAD)
+        self._isend(self._header(bwd.kind, bwd.micro_batch, bwd.lap, 0), self.prev, _TAG_BWD_HEAD)
         self._head_recv = [self._irecv(torch.empty(HEADER, dtype=torch.int64, device=self.spec.device),
                                        self.prev, _TAG_FWD_HEAD),
                            self._irecv(torch.empty(HEADER, dtype=torch.int64, device=self.spec.device),
@@ -147,7 +147,7 @@ class StageLink:
         expected = (self.spec.batch, self.spec.seq, self.spec.hidden)
         if tuple(hidden.shape) != expected:
             raise RuntimeError(f"lap state of shape {tuple(hidden.shape)} does not match the pipeline "
-                               f"message shape {expected}; every micro-batch of one step must have the "
+                               f"message shape {expected}; every micro-batch of one iteration must have the "
                                "same micro-batch size and sequence length")
 
     # --- receiving -------------------------------------------------------------------------------
@@ -173,10 +173,10 @@ class StageLink:
             self._bwd_recv = [self._irecv(self.spec.hidden_buffer(), self.next, _TAG_GRAD)]
 
     def forward_payload(self) -> LapMessage:
-        kind, micro_batch, step, aux, size0, size1 = self._fwd_head
+        kind, micro_batch, lap, aux, size0, size1 = self._fwd_head
         sizes = (size0, size1) if size0 >= 0 else None
         if kind != LAP:
-            return LapMessage(kind, micro_batch, step, aux=aux)
+            return LapMessage(kind, micro_batch, lap, aux=aux)
         for work, _ in self._fwd_recv:
             work.wait()
         (_, hidden), (_, reach), (_, meta) = self._fwd_recv
@@ -184,7 +184,7 @@ class StageLink:
         b, s = self.spec.batch, self.spec.seq
         active = meta[: b * s].view(b, s).bool()
         positions = meta[b * s:].view(b, s)
-        return LapMessage(LAP, micro_batch, step, hidden, active, reach, positions, aux, sizes)
+        return LapMessage(LAP, micro_batch, lap, hidden, active, reach, positions, aux, sizes)
 
     def backward_payload(self) -> Optional[torch.Tensor]:
         if not self._bwd_recv:
