@@ -38,6 +38,8 @@ def run_native(args):
 def run_hf(args):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from megatron_alcot.hf import export_max_latent_steps
     model = AutoModelForCausalLM.from_pretrained(args.hf, trust_remote_code=True, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(args.hf, trust_remote_code=True)
     prompt = tok(args.prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
@@ -52,7 +54,7 @@ def run_hf(args):
     steps = getattr(out, "latent_steps", None)
     steps = steps[0].tolist() if steps is not None else [0] * len(ids)
     pieces = [tok.decode([i]) for i in ids]
-    return ids, steps, pieces, tok.decode(ids), int(getattr(model.config, "max_latent_steps", 0) or 0)
+    return ids, steps, pieces, tok.decode(ids), export_max_latent_steps(model.config)
 
 
 def render(prompt, ids, steps, pieces, text, max_latent_steps, as_json: bool) -> str:

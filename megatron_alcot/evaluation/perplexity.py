@@ -23,6 +23,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from megatron_alcot.hf import export_max_latent_steps
+
 
 # ----------------------------------------------------------------------------- windows
 def rolling_windows(num_tokens: int, window: int) -> List[Tuple[int, int, int]]:
@@ -147,7 +149,7 @@ class HFScorer(Scorer):
         self.model = model.eval()
         cfg = model.config
         self.vocab_size = cfg.vocab_size
-        self.max_latent_steps = int(getattr(cfg, "max_latent_steps", 0) or 0)
+        self.max_latent_steps = export_max_latent_steps(cfg)
         eos = cfg.eos_token_id
         self.eod = eos[0] if isinstance(eos, (list, tuple)) else eos
         self.bos = cfg.bos_token_id

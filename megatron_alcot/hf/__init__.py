@@ -21,3 +21,14 @@ def copy_remote_code(target_dir: str) -> list:
         shutil.copyfile(os.path.join(HERE, name), dst)
         written.append(dst)
     return written
+
+
+def export_max_latent_steps(config) -> int:
+    """ℓmax of a loaded export's config, read from its keys, so exports of every version agree
+    (plain LLaMA: 0)::
+
+        export_max_latent_steps(AutoConfig.from_pretrained(hf_dir, trust_remote_code=True))
+    """
+    if getattr(config, "latent_method", "vanilla") == "vanilla":
+        return 0
+    return int(config.latent_max_steps)
