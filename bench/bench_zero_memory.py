@@ -88,7 +88,7 @@ def _body(rank, world, preset_name, steps, micro, bucket_mb):
             wrapped.zero_grad_buffer()
             forward_backward_no_pipelining(
                 forward_step_func=lambda b, m: (m(b[0], labels=b[1]).loss, None),
-                data_iterator=it, model=wrapped, num_microbatches=micro)
+                data_iterator=it, model=wrapped, num_microbatches=micro, no_sync=wrapped.no_sync)
             wrapped.finish_grad_sync()
             opt.step()
             times.append(time.perf_counter() - t0)

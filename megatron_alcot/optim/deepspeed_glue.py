@@ -42,19 +42,9 @@ caller must not divide by the number of micro-batches itself (``training/train_s
 on this path). A non-finite gradient norm makes DeepSpeed skip the update and clear the gradients
 (``engine.was_step_applied()`` is then False).
 
-Checkpoints (``--save``/``--load``): the trainer writes the usual checkpoint directory
-(``checkpointing/checkpoint.py``: full model weights, scheduler, RNG and metadata, committed
-atomically), and :func:`save_engine_state` adds the engine's own state under ``deepspeed/`` (its
-``engine.save_checkpoint``: the ZeRO-partitioned optimizer and fp32 master weights). Resuming
-(:func:`load_engine_state`) needs the same ZeRO stage and data-parallel size; the model files
-also serve ``tools/checkpoint/convert_to_hf.py`` and runs without DeepSpeed (``--no-load-optim``).
-DeepSpeed reads its own files with its own loader (pickle), ours are read with
-``torch.load(weights_only=True)``.
-
-    >>> save_checkpoint(d, it, engine, None, sched, ..., full_params=lambda: full_parameters(engine),
-    ...                 engine_state=lambda tmp: save_engine_state(engine, tmp))
-    >>> info = load_checkpoint(d, engine, None, sched, load_model=False)
-    >>> load_engine_state(engine, info["path"], info["metadata"], load_optim=True)
+The trainer drives the engine through :class:`DeepSpeedModel`, the engine behind the same
+gradient-sync interface as DDP and ZeRO (``optim.grad_sync``). Checkpoints of the engine's state
+are ``checkpointing/deepspeed_checkpoint.py``'s.
 """
 from __future__ import annotations
 
@@ -63,15 +53,12 @@ import copy
 import dataclasses
 import json
 import os
-from typing import Optional, Tuple, Union
+from typing import ContextManager, Optional, Tuple, Union
 
 import torch
 
-from megatron_alcot.checkpointing.metadata import CheckpointError
 from megatron_alcot.optim.optimizer import param_groups
 from megatron_alcot.parallel import parallel_state
-
-ENGINE_DIR = "deepspeed"       # the engine's own files inside an iter_NNNNNNN checkpoint directory
 
 
 def _set(config: dict, path: Tuple[str, ...], value) -> None:
@@ -288,37 +275,43 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
     return engine, optimizer
 
 
-def full_parameters(engine):
-    """Context in which every parameter holds its full value (ZeRO-3 gathers them; other stages
-    keep full parameters on every rank anyway)."""
-    if engine.zero_optimization_stage() != 3:
+class DeepSpeedModel:
+    """A DeepSpeed engine behind the trainer's gradient-sync interface (``optim.grad_sync``).
+
+        model = DeepSpeedModel(engine)
+        model.zero_grad_buffer()
+        for batch in micro_batches:
+            model.engine.backward(model(batch["tokens"], labels=batch["labels"]).loss)
+            model.engine.step()                  # steps and clears at the accumulation boundary
+        model.finish_grad_sync()
+
+    DeepSpeed owns the accumulation: its micro-step count sets the boundary, ``engine.backward``
+    reduces there and ``engine.step()`` updates and clears the gradients. So ``no_sync`` holds
+    nothing back, and ``zero_grad_buffer`` / ``finish_grad_sync`` only hold at a boundary (where
+    DeepSpeed's partitioned gradients are empty, and ``zero_grad_buffer`` drops the module's
+    ``.grad``): in the middle of an accumulation they raise. ``module`` is ``engine.module``."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.module = engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def no_sync(self) -> ContextManager[None]:
         return contextlib.nullcontext()
-    import deepspeed  # noqa: PLC0415
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
 
+    def zero_grad_buffer(self) -> None:
+        self._require_boundary("zero_grad_buffer")
+        self.engine.zero_grad()
 
-def save_engine_state(engine, directory: str) -> dict:
-    """The engine's state into ``directory/deepspeed`` (collective); returns the metadata section."""
-    engine.save_checkpoint(directory, tag=ENGINE_DIR, client_state={}, save_latest=False)
-    return {"name": "deepspeed", "dir": ENGINE_DIR, "zero_stage": int(engine.zero_optimization_stage()),
-            "dp": parallel_state.get_data_parallel_world_size()}
+    def finish_grad_sync(self) -> None:
+        self._require_boundary("finish_grad_sync")
 
-
-def load_engine_state(engine, path: str, metadata: dict, load_optim: bool = True) -> None:
-    """Restore the engine's module (and optimizer) state from the checkpoint directory ``path``."""
-    saved = metadata.get("engine") or {}
-    here = {"zero_stage": int(engine.zero_optimization_stage()), "dp": parallel_state.get_data_parallel_world_size()}
-    if saved.get("name") != "deepspeed":
-        raise CheckpointError(f"{path} was not written through DeepSpeed (no {ENGINE_DIR}/ state); "
-                              "resume it without --deepspeed-config, or start from its weights with "
-                              "--finetune")
-    if load_optim and (saved.get("zero_stage"), saved.get("dp")) != (here["zero_stage"], here["dp"]):
-        raise CheckpointError(f"{path} holds DeepSpeed state of ZeRO-{saved.get('zero_stage')} at data-"
-                              f"parallel size {saved.get('dp')}; this run is ZeRO-{here['zero_stage']} at "
-                              f"{here['dp']}: launch the saved layout, or pass --no-load-optim to keep "
-                              "only the weights")
-    loaded, _ = engine.load_checkpoint(path, tag=saved.get("dir", ENGINE_DIR),
-                                       load_optimizer_states=load_optim, load_lr_scheduler_states=False,
-                                       load_module_only=not load_optim)
-    if loaded is None:
-        raise CheckpointError(f"DeepSpeed found no state under {path}/{saved.get('dir', ENGINE_DIR)}")
+    def _require_boundary(self, what: str) -> None:
+        accumulation = self.engine.gradient_accumulation_steps()
+        pending = self.engine.micro_steps % accumulation
+        if pending:
+            raise RuntimeError(f"{what}: DeepSpeed holds {pending} of {accumulation} micro-batches of "
+                               "an unfinished accumulation; run engine.backward and engine.step for "
+                               "all micro-batches of the step first")

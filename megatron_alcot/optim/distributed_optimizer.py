@@ -1,7 +1,7 @@
 """AdamW with fp32 master weights, Adam state and (optionally) gradients sharded over data parallel.
 
     >>> opt = build_distributed_optimizer(model, optim_cfg, train_cfg, zero_stage=2)
-    >>> model = opt.wrap_model(model)        # stands where DistributedDataParallel would
+    >>> model = opt.wrap_model(model)        # stands where DistributedDataParallel would (optim.grad_sync)
     >>> model.zero_grad_buffer()             # = opt.zero_grad()
     >>> model(**batch).loss.backward()       # buckets reduce-scatter as backward fills them
     >>> model.finish_grad_sync()             # = opt.reduce_gradients() (step() calls it if needed)
@@ -42,7 +42,6 @@ payload format, which ``load_full_state_dict`` loads at any DP.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional, Sequence
 
@@ -51,6 +50,7 @@ import torch.distributed as dist
 
 from megatron_alcot.optim.grad_buffer import ALIGN, BufferLayout, GradBuffer, OwnedSlice, full_from_shards
 from megatron_alcot.optim.grad_scaler import build_grad_scaler
+from megatron_alcot.optim.grad_sync import GradBufferModel
 from megatron_alcot.optim.optimizer import StepResult, param_groups
 from megatron_alcot.optim.tied_embedding import tied_embedding_weight
 from megatron_alcot.parallel import parallel_state
@@ -97,13 +97,29 @@ class DistributedOptimizer:
             raise ValueError("DistributedOptimizer got no trainable parameters")
         self.clip_grad, self.grad_scaler, self.zero_stage = clip_grad, grad_scaler, zero_stage
         self.norm_groups = tuple(norm_groups)
+        self._join_data_parallel(dp_group)
+        base_groups = param_groups(named_params, weight_decay)
+        self._order_params(named_params, base_groups)
+        self._build_shard_map(bucket_size_mb, deferred)
+        self._build_param_buffer()
+        self._build_master()
+        self.optimizer = self._build_inner_optimizer(base_groups, lr, betas, eps)
+        self._steps = 0
+        self._build_grad_buffer(overlap_grad_reduce, grad_reduce_in_bf16)
+        self.overlap_param_gather = overlap_param_gather and self.param_buffer is not None and self.dp_size > 1
+        self._gathers: dict = {}
+        self._select_norm_slices()
+
+    # --- construction, one step each ----------------------------------------------------------
+    def _join_data_parallel(self, dp_group) -> None:
         self.dp_group = dp_group if dp_group is not None else parallel_state.get_data_parallel_group()
         self.dp_size = dist.get_world_size(self.dp_group) if _dist_on() else 1
         self.dp_rank = dist.get_rank(self.dp_group) if _dist_on() else 0
 
-        base_groups = param_groups(named_params, weight_decay)
+    def _order_params(self, named_params, base_groups: List[dict]) -> None:
+        """``params``/``names``/``param_group_index`` in backward order (reverse module order is
+        roughly when gradients become ready); ``param_dtype`` is their one dtype, or None."""
         group_of = {id(p): gi for gi, g in enumerate(base_groups) for p in g["params"]}
-        # Backward order: reverse module order is roughly when gradients become ready.
         self.params = [p for _, p in reversed(named_params)]
         name_of = {id(p): n for n, p in named_params}
         self.names = [name_of[id(p)] for p in self.params]
@@ -114,49 +130,63 @@ class DistributedOptimizer:
         # One dtype: parameters become views of one flat buffer, all-gathered in their own dtype.
         # Mixed dtypes (e.g. bf16 blocks with an fp32 router): the fp32 master is all-gathered.
         self.param_dtype = dtypes.pop() if len(dtypes) == 1 else None
-        self.device = device = self.params[0].device
+        self.device = self.params[0].device
+
+    def _build_shard_map(self, bucket_size_mb: float, deferred) -> None:
+        """The bucketed layout and the slices of it this DP rank owns (``optim.grad_buffer``)."""
         self.layout = BufferLayout(self.params, dp_size=self.dp_size,
                                    bucket_numel=max(ALIGN, int(bucket_size_mb * 1024 * 1024 / 4)),
                                    deferred=deferred)
         self.slices = self.layout.owned_slices(self.dp_rank)
         self.numel = self.layout.numel
 
-        self._separate_master = self.param_dtype != torch.float32
+    @torch.no_grad()
+    def _build_param_buffer(self) -> None:
+        """One dtype: the parameters become views of one flat buffer in the layout's order."""
         self.param_buffer = None
-        if self.param_dtype is not None:
-            self.param_buffer = torch.zeros(self.numel, device=device, dtype=self.param_dtype)
-            with torch.no_grad():
-                for p, off in zip(self.params, self.layout.offsets):
-                    self.param_buffer[off:off + p.numel()].copy_(p.detach().reshape(-1))
-                    p.data = self.param_buffer[off:off + p.numel()].view_as(p)
-        if self._separate_master:
-            self.master = torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=device)
-            with torch.no_grad():
-                for sl in self.slices:
-                    p = self.params[sl.param_index]
-                    self.master[sl.shard_lo:sl.shard_lo + sl.hi - sl.lo].copy_(
-                        p.detach().reshape(-1)[sl.param_lo:sl.param_lo + sl.hi - sl.lo])
-        else:
-            self.master = None
-        # The inner optimizer's parameters: one tensor per owned slice (fp32: a view of the
-        # parameter buffer itself, so no second copy), in the slice's weight-decay group.
+        if self.param_dtype is None:
+            return
+        self.param_buffer = torch.zeros(self.numel, device=self.device, dtype=self.param_dtype)
+        for p, off in zip(self.params, self.layout.offsets):
+            self.param_buffer[off:off + p.numel()].copy_(p.detach().reshape(-1))
+            p.data = self.param_buffer[off:off + p.numel()].view_as(p)
+
+    @torch.no_grad()
+    def _build_master(self) -> None:
+        """Non-fp32 parameters: an fp32 copy of the owned slices (fp32: the buffer is the master)."""
+        self._separate_master = self.param_dtype != torch.float32
+        self.master = None
+        if not self._separate_master:
+            return
+        self.master = torch.zeros(self.layout.shard_numel, dtype=torch.float32, device=self.device)
+        for sl in self.slices:
+            p = self.params[sl.param_index]
+            self.master[sl.shard_lo:sl.shard_lo + sl.hi - sl.lo].copy_(
+                p.detach().reshape(-1)[sl.param_lo:sl.param_lo + sl.hi - sl.lo])
+
+    def _build_inner_optimizer(self, base_groups: List[dict], lr: float, betas, eps) -> torch.optim.Optimizer:
+        """AdamW over one tensor per owned slice (fp32: a view of the parameter buffer itself, so no
+        second copy), each in its parameter's weight-decay group."""
         self._inner = [self._master_view(sl) for sl in self.slices]
         inner_groups = []
         for gi, g in enumerate(base_groups):
             hyper = {k: v for k, v in g.items() if k != "params"}
             members = [t for t, sl in zip(self._inner, self.slices) if self.param_group_index[sl.param_index] == gi]
             inner_groups.append(dict(hyper, lr=lr, params=members))
-        self.optimizer = _make_inner_adamw(inner_groups, betas, eps)
-        self._steps = 0
+        return _make_inner_adamw(inner_groups, betas, eps)
+
+    def _build_grad_buffer(self, overlap_grad_reduce: bool, grad_reduce_in_bf16: bool) -> None:
+        """The reduce-scatter buckets: ZeRO-1 keeps the full buffer, ZeRO-2 streams into a 1/DP shard."""
         self.grads = GradBuffer(
             self.layout, op="reduce_scatter", dp_group=self.dp_group, dp_rank=self.dp_rank,
             comm_dtype=torch.bfloat16 if grad_reduce_in_bf16 else torch.float32,
-            streaming=zero_stage == 2, per_round=zero_stage == 2 and _pipeline_size() == 1,
+            streaming=self.zero_stage == 2, per_round=self.zero_stage == 2 and _pipeline_size() == 1,
             overlap=overlap_grad_reduce)
         self._reduced = False
-        self.overlap_param_gather = overlap_param_gather and self.param_buffer is not None and self.dp_size > 1
-        self._gathers: dict = {}
-        # Norm: owned slices of parameters counted on this rank (see clip_grads).
+
+    def _select_norm_slices(self) -> None:
+        """Owned slices counted in the norm on this rank (see clip_grads), and those of
+        sequence-parallel parameters (their gradients are summed over TP too)."""
         tp_rank0 = parallel_state.get_tensor_model_parallel_rank() == 0
         self._norm_slices = [i for i, sl in enumerate(self.slices)
                              if not getattr(self.params[sl.param_index], "shared_embedding", False)
@@ -475,9 +505,10 @@ def merge_shard_state_dicts(shards: Sequence[dict]) -> dict:
     return full
 
 
-class ShardedGradModel(torch.nn.Module):
-    """Stands where ``DistributedDataParallel`` would: forward, ``no_sync``, ``finish_grad_sync``,
-    ``zero_grad_buffer``; the gradient reduction is the optimizer's bucketed reduce-scatter.
+class ShardedGradModel(GradBufferModel):
+    """Stands where ``DistributedDataParallel`` would, with the same interface
+    (``optim.grad_sync``) over the optimizer's own gradient buffer: the reduction is its bucketed
+    reduce-scatter.
 
     ZeRO-2 with PP = 1 reduces every micro-batch's gradients (each forward closes the previous
     backward's round), so ``no_sync`` changes nothing there; otherwise it holds the launches back
@@ -485,8 +516,7 @@ class ShardedGradModel(torch.nn.Module):
     pre-hook, for the all-gather of the buckets holding its own parameters."""
 
     def __init__(self, module: torch.nn.Module, optimizer: DistributedOptimizer):
-        super().__init__()
-        self.module = module
+        super().__init__(module, optimizer.grads)
         self._optimizer = [optimizer]     # a list keeps it out of the module tree
         self._hooks = []
         if optimizer.overlap_param_gather:
@@ -497,25 +527,13 @@ class ShardedGradModel(torch.nn.Module):
                         lambda m, args, own=own: optimizer.wait_param_gather(own)))
 
     def forward(self, *args, **kwargs):
-        self._optimizer[0].grads.end_round()
+        self.grads.end_round()
         return self.module(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        grads = self._optimizer[0].grads
-        old, grads.sync = grads.sync, False
-        try:
-            yield
-        finally:
-            grads.sync = old
 
     def finish_grad_sync(self) -> None:
         self._optimizer[0].reduce_gradients()
 
     def zero_grad_buffer(self) -> None:
-        self._optimizer[0].zero_grad()
-
-    def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002
         self._optimizer[0].zero_grad()
 
 

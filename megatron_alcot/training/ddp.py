@@ -17,28 +17,28 @@ is scaled by 1/DP and its asynchronous all-reduce starts while backward continue
 always launched in index order, so every rank issues the same sequence of collectives even when
 the latent steps leave some parameters (e.g. a deep router) without a gradient on one rank.
 With a single data-parallel replica the wrapper steps aside: plain autograd gradients, set to
-``None`` between steps. Parameters marked ``sequence_parallel`` (norm weights under sequence parallelism) additionally get
-their gradient summed over the TP group.
+``None`` between steps. Parameters marked ``sequence_parallel`` (norm weights under sequence
+parallelism) additionally get their gradient summed over the TP group. The trainer drives it
+through the interface of ``optim.grad_sync``, which ZeRO's and DeepSpeed's wrappers share.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from megatron_alcot.optim.grad_buffer import BufferLayout, GradBuffer
+from megatron_alcot.optim.grad_sync import GradBufferModel
 from megatron_alcot.optim.tied_embedding import tied_embedding_weight
 from megatron_alcot.parallel import parallel_state
 
 
-class DistributedDataParallel(torch.nn.Module):
+class DistributedDataParallel(GradBufferModel):
     def __init__(self, module: torch.nn.Module, dp_group=None, *, bucket_size_mb: float = 25.0,
                  overlap_grad_reduce: bool = True, dp_size: Optional[int] = None,
                  grad_reduce_in_bf16: bool = False):
-        super().__init__()
-        self.module = module
+        super().__init__(module, None)
         self.dp_group = dp_group
         self.dp_size = dp_size if dp_size is not None else parallel_state.get_data_parallel_world_size()
         self.overlap = overlap_grad_reduce and self.dp_size > 1
@@ -47,7 +47,6 @@ class DistributedDataParallel(torch.nn.Module):
         # One replica: nothing to reduce, so plain autograd gradients (no buffer to fill and add into).
         self.passthrough = self.dp_size == 1 and not any(getattr(p, "sequence_parallel", False)
                                                           for p in params)
-        self.grads: Optional[GradBuffer] = None
         if not self.passthrough:
             for p in params:
                 if p.dtype != torch.float32:
@@ -68,22 +67,6 @@ class DistributedDataParallel(torch.nn.Module):
     @property
     def grad_buffer(self) -> Optional[torch.Tensor]:
         return self.grads.data if self.grads is not None else None
-
-    # --- forward and micro-batch control ---------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Accumulate gradients locally (micro-batches before the last)."""
-        if self.grads is None:
-            yield
-            return
-        old, self.grads.sync = self.grads.sync, False
-        try:
-            yield
-        finally:
-            self.grads.sync = old
 
     # --- reduction ---------------------------------------------------------------------------------
     def finish_grad_sync(self) -> None:
@@ -110,7 +93,3 @@ class DistributedDataParallel(torch.nn.Module):
                 p.grad = None
             return
         self.grads.zero()
-
-    # Gradients stay views into the buffer; optimizers must not set them to None.
-    def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002
-        self.zero_grad_buffer()

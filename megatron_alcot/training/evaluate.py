@@ -1,11 +1,12 @@
 """Validation loss, perplexity and mean executed latent steps.
 
-    result = evaluate(model, make_iterator(), eval_iters=10, num_microbatches=4,
+    result = evaluate(ddp_model, make_iterator(), eval_iters=10, num_microbatches=4,
                       forward_step=make_forward_step(cfg, device, autocast_dtype),
                       pipeline_model_parallel_size=1, autocast_dtype=None)
     result["lm_loss"], result["ppl"], result["mean_latent_steps"], result["depth_share"]
 
-Each of the ``eval_iters`` passes runs the training schedule with ``forward_only=True`` (with PP > 1
+``ddp_model`` is the trainer's wrapper (``optim.grad_sync``); its ``module`` runs. Each of the
+``eval_iters`` passes runs the training schedule with ``forward_only=True`` (with PP > 1
 the lap pipeline; ``data_iterator`` may be None on middle stages), so every rank of every stage gets
 the same numbers. Perplexity is ``exp`` of the language-model loss (the readout's cross entropy), not
 of the total loss that includes the adaptive term.
@@ -17,19 +18,16 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from megatron_alcot.optim.grad_sync import GradSyncModel
 from megatron_alcot.training.schedules import get_forward_backward_func
 from megatron_alcot.training.train_step import gather_stage_infos, reduce_stats, unpack_stats
 
 
-def _unwrap(model):
-    return getattr(model, "module", model)
-
-
 @torch.no_grad()
-def evaluate(model, data_iterator: Optional[Iterator], *, eval_iters: int, num_microbatches: int,
+def evaluate(model: GradSyncModel, data_iterator: Optional[Iterator], *, eval_iters: int, num_microbatches: int,
              forward_step: Callable, pipeline_model_parallel_size: int = 1,
              autocast_dtype: Optional[torch.dtype] = None) -> dict:
-    inner = _unwrap(model)
+    inner = model.module
     was_training = inner.training
     inner.eval()
     fb = get_forward_backward_func(pipeline_model_parallel_size, autocast_dtype)

@@ -50,7 +50,7 @@ import contextlib
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -426,11 +426,13 @@ def forward_backward_pipelining_with_laps(*, forward_step_func: Optional[Callabl
                                           compact: bool = True, order: str = "1f1b",
                                           max_in_flight: Optional[int] = None,
                                           lap_trace: Optional[list] = None,
-                                          stats: Optional[ScheduleStats] = None) -> List:
+                                          stats: Optional[ScheduleStats] = None,
+                                          no_sync: Callable[[], ContextManager] = contextlib.nullcontext
+                                          ) -> List:
     """Run the forward (and unless ``forward_only`` the backward) of ``num_microbatches`` on this
     stage. Gradients accumulate into the parameters' ``.grad`` (each loss divided by
-    ``num_microbatches``, then ``scale_loss``); with a data-parallel wrapper the whole call runs under
-    ``no_sync`` and the caller's ``finish_grad_sync`` reduces. ``halting``: one mode or callable for
+    ``num_microbatches``, then ``scale_loss``); the whole call runs under ``no_sync()`` (the
+    data-parallel wrapper's, ``optim.grad_sync``) and the caller's ``finish_grad_sync`` reduces. ``halting``: one mode or callable for
     all micro-batches, or a list with one per micro-batch. ``order``: ``"1f1b"`` (backward as soon
     as a micro-batch finished, at most ``max_in_flight`` (default 2·P) alive) or ``"gpipe"`` (every
     backward after every forward). ``lap_trace``: a list that receives ``(micro_batch, k)`` for
@@ -447,8 +449,7 @@ def forward_backward_pipelining_with_laps(*, forward_step_func: Optional[Callabl
         raise ValueError(f"--pipeline-max-in-flight {max_in_flight}: give at least 1")
     if isinstance(halting, (list, tuple)) and len(halting) != num_microbatches:
         raise ValueError(f"halting has {len(halting)} entries for {num_microbatches} micro-batches")
-    no_sync = getattr(model, "no_sync", None)
-    sync_ctx = no_sync() if (no_sync is not None and not forward_only) else contextlib.nullcontext()
+    sync_ctx = no_sync() if not forward_only else contextlib.nullcontext()
     grad_ctx = torch.no_grad() if forward_only else contextlib.nullcontext()
     run = _LapPipeline(model, forward_step_func, data_iterator, num_microbatches, forward_only, scale_loss,
                        halting, autocast_dtype, compact, lap_trace, order, max_in_flight, stats)

@@ -1,14 +1,16 @@
 """Forward-backward schedules over the micro-batches of one global batch (docs/architecture.md §2).
 
     fb = get_forward_backward_func(pipeline_model_parallel_size=1)        # or PP > 1: the lap pipeline
-    outputs = fb(forward_step_func=step, data_iterator=it, model=ddp_model, num_microbatches=8)
+    outputs = fb(forward_step_func=step, data_iterator=it, model=ddp_model, num_microbatches=8,
+                 no_sync=ddp_model.no_sync)
 
 ``forward_step_func(batch, model) -> (loss, info)``: ``loss`` is the micro-batch's scalar loss,
 ``info`` anything the caller wants back (detached statistics). The schedule divides each loss by
 the number of micro-batches (so the accumulated gradient is that of the mean), applies
-``scale_loss`` (fp16 loss scaling) and runs backward; with a data-parallel wrapper every micro-batch
-but the last runs under ``model.no_sync()``, so the gradient all-reduce overlaps only the last
-backward. With ``forward_only=True`` no backward runs (evaluation).
+``scale_loss`` (fp16 loss scaling) and runs backward; every micro-batch but the last runs under
+``no_sync()`` (the data-parallel wrapper's, ``optim.grad_sync``; default: nothing to hold back), so
+the gradient reduction overlaps only the last backward. With ``forward_only=True`` no backward runs
+(evaluation).
 
 With PP > 1 the schedule is
 :func:`megatron_alcot.training.pipeline_schedule.forward_backward_pipelining_with_laps` (same call;
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, ContextManager, Iterator, List, Optional
 
 import torch
 
@@ -27,13 +29,12 @@ import torch
 def forward_backward_no_pipelining(*, forward_step_func: Callable, data_iterator: Iterator,
                                    model: torch.nn.Module, num_microbatches: int,
                                    forward_only: bool = False,
-                                   scale_loss: Optional[Callable] = None) -> List:
+                                   scale_loss: Optional[Callable] = None,
+                                   no_sync: Callable[[], ContextManager] = contextlib.nullcontext) -> List:
     outputs = []
-    no_sync = getattr(model, "no_sync", None)
     for i in range(num_microbatches):
         last = i == num_microbatches - 1
-        sync_ctx = no_sync() if (no_sync is not None and not last and not forward_only) \
-            else contextlib.nullcontext()
+        sync_ctx = no_sync() if not (last or forward_only) else contextlib.nullcontext()
         with sync_ctx:
             batch = next(data_iterator)
             loss, info = forward_step_func(batch, model)

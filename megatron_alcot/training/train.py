@@ -18,7 +18,8 @@ With ``--deepspeed-config PATH`` the model trains through a DeepSpeed engine
 (``optim/deepspeed_glue.py``, ZeRO-1/2/3 over DP, client AdamW from the optimizer flags, our LR
 schedule) and ``train_step`` hands the micro-batches to ``engine.backward`` / ``engine.step``;
 TP/PP > 1, ``--use-distributed-optimizer`` and ``--fp16`` are refused with it. Its checkpoints are
-ours plus the engine's own state in ``deepspeed/`` (weights and ZeRO-partitioned optimizer).
+ours plus the engine's own state in ``deepspeed/`` (weights and ZeRO-partitioned optimizer;
+``checkpointing/deepspeed_checkpoint.py``).
 
 ``on_model_built(model)`` lets tests reach the model (e.g. to inject a NaN) before training.
 """
@@ -182,15 +183,14 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
                                       grad_reduce_in_bf16=t.grad_reduce_in_bf16)
         optimizer = build_optimizer(model, args.optim, t)
     scheduler = OptimizerParamScheduler.from_config(optimizer, args.optim, train_iters)
-    engine = ddp if args.parallel.deepspeed_config is not None else None   # checkpoints its own state
+    engine = ddp.engine if args.parallel.deepspeed_config is not None else None   # checkpoints its own state
 
     history = History(config=args.to_dict())
     iteration, consumed = 0, 0
     if t.load is not None:
         iteration, consumed = _load(args, model, optimizer, scheduler, logger, engine)
     # Resuming restored the RNG streams of the saved run; gradients stay views into the DDP buffer.
-    if hasattr(ddp, "zero_grad_buffer"):
-        ddp.zero_grad_buffer()
+    ddp.zero_grad_buffer()
 
     train_it, make_valid = _iterators(args, tokenizer, train_iters, consumed, dp_rank, dp)
     pp = args.parallel.pipeline_model_parallel_size
@@ -281,8 +281,9 @@ def _run(args, tokenizer, world, start_time, on_model_built, stream) -> History:
 def _deepspeed_engine(args, model, global_batch):
     """``--deepspeed-config``: the DeepSpeed engine around ``model`` with the client AdamW of the
     run's optimizer flags; batch, clipping and bf16 come from the Megatron flags (a config value
-    that disagrees is a ConfigError). Returns ``(engine, optimizer)``."""
-    from megatron_alcot.optim.deepspeed_glue import build_deepspeed_config, initialize_deepspeed
+    that disagrees is a ConfigError). Returns ``(DeepSpeedModel(engine), optimizer)``."""
+    from megatron_alcot.optim.deepspeed_glue import (DeepSpeedModel, build_deepspeed_config,
+                                                     initialize_deepspeed)
     o, t = args.optim, args.train
     batch = dict(micro_batch_size=t.micro_batch_size, global_batch_size=global_batch,
                  clip_grad=o.clip_grad, bf16=bool(t.bf16))
@@ -290,8 +291,9 @@ def _deepspeed_engine(args, model, global_batch):
         config = build_deepspeed_config(args.parallel.deepspeed_config, **batch)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"--deepspeed-config {args.parallel.deepspeed_config}: {exc}") from exc
-    return initialize_deepspeed(model, None, config, lr=o.lr, weight_decay=o.weight_decay,
-                                betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **batch)
+    engine, optimizer = initialize_deepspeed(model, None, config, lr=o.lr, weight_decay=o.weight_decay,
+                                             betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, **batch)
+    return DeepSpeedModel(engine), optimizer
 
 
 def _iterators(args, tokenizer, train_iters, consumed, dp_rank, dp):
@@ -332,7 +334,7 @@ def _exit_reason(t, iteration, start_time, handler) -> Optional[str]:
 def _save(args, iteration, model, optimizer, scheduler, consumed, history, engine=None) -> int:
     extra, hooks = {}, {}
     if engine is not None:     # DeepSpeed keeps the optimizer state; our files hold the rest
-        from megatron_alcot.optim.deepspeed_glue import full_parameters, save_engine_state
+        from megatron_alcot.checkpointing.deepspeed_checkpoint import full_parameters, save_engine_state
         optimizer = None
         hooks = dict(engine_state=lambda tmp: save_engine_state(engine, tmp),
                      full_params=lambda: full_parameters(engine))
@@ -354,7 +356,7 @@ def _load(args, model, optimizer, scheduler, logger, engine=None):
         logger.print(f"--load {t.load}: no checkpoint there yet; training from scratch")
         return 0, 0
     if engine is not None:      # our files: scheduler, RNG; DeepSpeed's: weights and optimizer
-        from megatron_alcot.optim.deepspeed_glue import load_engine_state
+        from megatron_alcot.checkpointing.deepspeed_checkpoint import load_engine_state
         fresh = t.finetune or t.no_load_optim
         info = ckpt.load_checkpoint(t.load, model, None, None if fresh else scheduler, load_model=False,
                                     load_optim=not fresh, load_rng=not (t.finetune or t.no_load_rng))

@@ -14,8 +14,8 @@ Statistics of all micro-batches and data-parallel ranks travel in one small all-
 rank sees the same mean loss. A non-finite loss or gradient norm skips the update (parameters,
 Adam state and LR schedule untouched); ``nan_skip`` says so. Under ``--fp16`` an overflowing
 gradient is the loss scaler's business (scale backs off, step skipped) and is not a NaN skip.
-With ``--deepspeed-config`` (``ctx.deepspeed``) the model is a DeepSpeed engine and
-:func:`deepspeed_train_step` runs the micro-batches.
+With ``--deepspeed-config`` (``ctx.deepspeed``) the model is a DeepSpeed engine
+(``optim.deepspeed_glue.DeepSpeedModel``) and :func:`deepspeed_train_step` runs the micro-batches.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Callable, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from megatron_alcot.optim.grad_sync import GradSyncModel
 from megatron_alcot.optim.tied_embedding import allreduce_tied_embedding_grads
 from megatron_alcot.parallel import parallel_state
 from megatron_alcot.training.pipeline_schedule import infos_from_last_stage, weight_cast_region
@@ -35,7 +36,7 @@ from megatron_alcot.training.schedules import get_forward_backward_func
 
 @dataclass
 class IterationContext:
-    model: torch.nn.Module                  # DistributedDataParallel-wrapped model
+    model: GradSyncModel                    # DDP, ZeRO's or DeepSpeed's wrapper (optim.grad_sync)
     optimizer: object                       # optim.MegatronOptimizer
     scheduler: object                       # optim.OptimizerParamScheduler
     model_cfg: object
@@ -151,20 +152,24 @@ def gather_stage_infos(infos: List[torch.Tensor], model_cfg, device: torch.devic
 
 def deepspeed_train_step(ctx: IterationContext, data_iterator: Iterator,
                          forward_step: Callable) -> IterationStats:
-    """The same iteration through a DeepSpeed engine: ``engine.backward`` divides each micro-batch
+    """The same iteration through a DeepSpeed engine (``ctx.model`` is its ``DeepSpeedModel``):
+    ``engine.backward`` divides each micro-batch
     loss by its ``gradient_accumulation_steps`` (= ``num_microbatches``; not divided again here) and
     reduces over DP; ``engine.step()`` updates on the last micro-batch. DeepSpeed skips an update
     with a non-finite gradient norm itself; the LR schedule then does not advance."""
-    engine = ctx.model
+    model = ctx.model
+    engine = model.engine
     if engine.gradient_accumulation_steps() != ctx.num_microbatches:
         raise RuntimeError(f"DeepSpeed accumulates {engine.gradient_accumulation_steps()} micro-batches, "
                            f"the trainer runs {ctx.num_microbatches}")
+    model.zero_grad_buffer()
     infos = []
     for _ in range(ctx.num_microbatches):
-        loss, info = forward_step(next(data_iterator), engine)
+        loss, info = forward_step(next(data_iterator), model)
         engine.backward(loss)
         engine.step()
         infos.append(info)
+    model.finish_grad_sync()
     stats = unpack_stats(reduce_stats(gather_stage_infos(infos, ctx.model_cfg, ctx.device)).cpu())
     stats.lr = ctx.optimizer.param_groups[0]["lr"]
     stats.updated = bool(engine.was_step_applied())
@@ -183,21 +188,18 @@ def train_step(ctx: IterationContext, data_iterator: Iterator,
                                                      ctx.flops_meter)
     if ctx.deepspeed:
         return deepspeed_train_step(ctx, data_iterator, forward_step)
-    if hasattr(model, "zero_grad_buffer"):
-        model.zero_grad_buffer()
-    else:
-        model.zero_grad(set_to_none=False)
+    model.zero_grad_buffer()
     fb = get_forward_backward_func(ctx.pipeline_model_parallel_size, ctx.autocast_dtype,
                                    ctx.pipeline_schedule, ctx.pipeline_max_in_flight)
     # One autocast weight cache for the whole step: one low-precision copy of each weight, not
     # one per micro-batch (PP = 1) or per lap (PP > 1).
     with weight_cast_region(ctx.device, ctx.autocast_dtype):
         infos = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
-                   num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss)
+                   num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss,
+                   no_sync=model.no_sync)
     # Tied-embedding copies first: the data-parallel reduction may be a sharded reduce-scatter.
-    allreduce_tied_embedding_grads(model)
-    if hasattr(model, "finish_grad_sync"):
-        model.finish_grad_sync()
+    allreduce_tied_embedding_grads(model.module)
+    model.finish_grad_sync()
     total = reduce_stats(gather_stage_infos(infos, ctx.model_cfg, ctx.device,
                                             ctx.pipeline_model_parallel_size)).cpu()
     stats = unpack_stats(total)

@@ -1,6 +1,7 @@
 """Pipeline parallelism with latent laps against the single-process model: stage weights, losses,
 ℓ_t, every parameter's gradient, skipped laps of halted micro-batches, uneven splits, PP x TP, the
 1F1B and GPipe orders and the bound on micro-batches alive per stage."""
+import contextlib
 import io
 
 import pytest
@@ -94,17 +95,20 @@ def _pipeline_body(rank, world_size, cases):
         if stage.post_process:
             routers_random(stage)
         trace, step, model, stats = [], None, stage, ScheduleStats()
+        no_sync = contextlib.nullcontext
         if case.get("trainer_step"):
             from megatron_alcot.training.ddp import DistributedDataParallel
             from megatron_alcot.training.train_step import make_forward_step
             step = make_forward_step(case["cfg"], torch.device("cpu"), None)
             model = DistributedDataParallel(stage, parallel_state.get_data_parallel_group())
+            no_sync = model.no_sync
         infos = forward_backward_pipelining_with_laps(
             forward_step_func=step,
             data_iterator=iter(case["batches"]), model=model, num_microbatches=len(case["batches"]),
             halting=case["halting"], lap_trace=trace, forward_only=case.get("forward_only", False),
-            max_in_flight=case.get("max_in_flight"), order=case.get("order", "1f1b"), stats=stats)
-        allreduce_tied_embedding_grads(model)
+            max_in_flight=case.get("max_in_flight"), order=case.get("order", "1f1b"), stats=stats,
+            no_sync=no_sync)
+        allreduce_tied_embedding_grads(stage)
         if case.get("trainer_step"):
             model.finish_grad_sync()
             numel = 6 + case["cfg"].max_latent_steps + 1
