@@ -314,4 +314,4 @@ class DeepSpeedModel:
         if pending:
             raise RuntimeError(f"{what}: DeepSpeed holds {pending} of {accumulation} micro-batches of "
                                "an unfinished accumulation; run engine.backward and engine.step for "
-                               "all micro-batches of the step first")
+                               "all micro-batches of the iteration first")

@@ -2,7 +2,7 @@
 
     model = DistributedDataParallel(stage, dp_group)   # or optimizer.wrap_model(stage) (ZeRO),
                                                        # or DeepSpeedModel(engine)
-    model.zero_grad_buffer()                           # before the first micro-batch of a step
+    model.zero_grad_buffer()                           # before the first micro-batch of an iteration
     for i, batch in enumerate(micro_batches):
         with model.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
             model(**batch).loss.backward()             # gradients accumulate locally
@@ -36,7 +36,7 @@ class GradSyncModel(Protocol):
     def __call__(self, *args, **kwargs): ...
 
     def zero_grad_buffer(self) -> None:
-        """Start a step's accumulation: the gradients the optimizer reads are zero."""
+        """Start an iteration's accumulation: the gradients the optimizer reads are zero."""
 
     def no_sync(self) -> ContextManager[None]:
         """Backward calls inside accumulate locally; the reduction waits for the last micro-batch."""
