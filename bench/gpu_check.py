@@ -42,7 +42,7 @@ from megatron_alcot.model.compaction import Compaction  # noqa: E402
 from megatron_alcot.model.kv_cache import LatentKVCache, decode  # noqa: E402
 from megatron_alcot.model.lap_attention import LapMask  # noqa: E402
 from megatron_alcot.model.presets import preset  # noqa: E402
-from megatron_alcot.model.router import halting_update  # noqa: E402
+from megatron_alcot.model.latent.router import halting_update  # noqa: E402
 from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
 # Dense bf16 tensor-core peak (no sparsity), TFLOP/s, matched against torch.cuda.get_device_name.

@@ -5,10 +5,10 @@
     out = model(tokens, labels=labels, loss_mask=loss_mask)    # out.loss, out.num_steps, ...
     stage = build_model(cfg, pcfg, pre_process=False, post_process=True, layer_range=(12, 24))
 
-Files: ``stage.py`` (a stage and its ``run_lap``), ``lap_runner.py`` (the PP = 1 loop over laps,
-the method registry, ALCoT's readout and loss), ``attention.py`` (2-D-masked GQA with K/V reuse),
-``compaction.py`` (active-row gather/scatter and padded layout), ``router.py`` (routers and the
-halting rule), ``llama.py`` (norm, MLP, layer, init), ``rotary.py``, ``output.py``, ``presets.py``.
+Files: ``llama.py`` (``LlamaModel``: a stage and its ``run_lap``), ``transformer_layer.py`` (norm,
+MLP, layer, init), ``attention.py`` (2-D-masked GQA with K/V reuse), ``compaction.py`` (active-row
+gather/scatter and padded layout), ``latent/`` (the loop over laps, ALCoT and the baselines),
+``rotary.py``, ``output.py``, ``presets.py``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 from megatron_alcot.config import ConfigError, ModelConfig
 from megatron_alcot.model.attention import LapKV
 from megatron_alcot.model.output import LapState, ModelOutput
-from megatron_alcot.model.stage import LlamaModel
+from megatron_alcot.model.llama import LlamaModel
 
 
 def build_model(model_cfg: ModelConfig, parallel_cfg=None, pre_process: bool = True,

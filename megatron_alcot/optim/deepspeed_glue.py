@@ -18,7 +18,7 @@ rejected.
 
 bf16: DeepSpeed casts every parameter to bf16, the ALCoT routers included (its flat ZeRO buffers
 hold one dtype), at every ZeRO stage; the fp32 master copies live in its optimizer. The routers
-are still evaluated in fp32 (``model/router.py`` upcasts the stored weights with autocast off),
+are still evaluated in fp32 (``model/latent/router.py`` upcasts the stored weights with autocast off),
 but from bf16-rounded weights: g at initialisation is sigmoid(bf16(logit 0.9)) = 0.9005, not 0.9.
 Our own ``--bf16`` (fp32 parameters, bf16 autocast) keeps the routers' weights in fp32.
 
@@ -151,7 +151,7 @@ class Zero3Root(torch.nn.Module):
         """The parameters the model reads outside their own module's forward: the LM head and
         embedding weights (``lm_head``, the tied head, the target probability, PonderLM's
         embedding mix) and the routers (``Routers.continue_prob``)."""
-        from megatron_alcot.model.router import Routers  # noqa: PLC0415
+        from megatron_alcot.model.latent.router import Routers  # noqa: PLC0415
         params = {}
         for module in self.model.modules():
             if isinstance(module, Routers):

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_alcot.model.stage import LlamaModel
+from megatron_alcot.model.llama import LlamaModel
 from megatron_alcot.parallel import parallel_state
 
 

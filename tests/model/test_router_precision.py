@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from alcot_reference import routers_random
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
-from megatron_alcot.model.router import Routers, halting_update, router_logit
+from megatron_alcot.model.latent.router import Routers, halting_update, router_logit
 
 B, S = 3, 16
 

@@ -1,82 +1,28 @@
-"""The loop over laps (PP = 1), the latent-method registry, and ALCoT's readout and loss.
+"""ALCoT, token-level adaptive latent chain of thought (docs/method.md §2-§6), as a latent method.
 
-    out = run_laps(model, tokens, labels=labels, loss_mask=loss_mask, halting="learned")
+    method = model.latent                               # ALCoTMethod; routers: latent.routers.{k}
+    lap = method.first_lap(model, tokens)               # lap 0: s·E[x], all active, reach 1
+    ctx = method.begin(model, lap, labels, loss_mask)
+    lap = method.end_lap(model, ctx, lap, hidden)       # after lap k: next LapState or None
+    out = method.finish(model, ctx)                     # ModelOutput: loss, num_steps, ...
 
-A *latent method* is the per-method logic around the laps; it lives at ``model.latent`` (its
-parameters are ``latent.*``) and implements four hooks, called by this loop or by a pipeline
-schedule on the right stage::
-
-    lap = method.first_lap(model, tokens, position_ids)      # first stage: LapState of lap 0
-    ctx = method.begin(model, lap, labels, loss_mask, ...)   # last stage: per-micro-batch accumulator
-    hidden, kv = model.run_lap(lap, past)                     # every stage, every lap
-    lap = method.end_lap(model, ctx, lap, hidden)             # last stage: next LapState or None
-    out = method.finish(model, ctx)                           # last stage: ModelOutput
-
-``method.reuse_kv`` says whether lap k sees the keys/values of laps < k (the 2-D mask) or only
-its own (plain causal, e.g. the loop baseline). ``end_lap`` receives the raw output of the last
-layer and applies ``model.decoder.final_layernorm`` itself when it wants it.
-
-Methods are looked up by ``ModelConfig.latent_method`` in ``METHOD_CLASSES`` (``"module:Class"``,
-imported lazily); a new method adds one line there and subclasses :class:`LatentMethod`.
-``vanilla`` is ALCoT with ℓmax = 0: the same code, so the two agree bit for bit.
+After lap k, on the last stage, ``end_lap`` takes the final norm's ``h_{·,k}``; below ℓmax the
+router gives ``g_{·,k}`` and the halting update (``router.py``) the next reach, the tokens that go
+on and this lap's exit mass; the exit mass weights ``h`` into the readout (``hidden``), or the
+lap's distribution into the mixture (``prob``); the tokens that go on add
+``r_{t,k+1}·sg(p_{t,k}(y_t))^β`` to the adaptive loss. ``finish`` turns the readout into the
+LM loss. ``vanilla`` is this class with ℓmax = 0.
 """
 from __future__ import annotations
 
-import importlib
-from types import MappingProxyType
-from typing import Optional
-
 import torch
-from torch import nn
 
+from megatron_alcot.model.latent.base import LatentMethod
+from megatron_alcot.model.latent.router import Routers, check_halting, halting_update
 from megatron_alcot.model.output import LapState, ModelOutput, masked_mean
-from megatron_alcot.model.router import Routers, check_halting, halting_update
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (chunked_target_prob,
                                                                    vocab_parallel_cross_entropy,
                                                                    vocab_parallel_log_softmax)
-
-METHOD_CLASSES = MappingProxyType({
-    "vanilla": "megatron_alcot.model.lap_runner:ALCoTMethod",
-    "alcot": "megatron_alcot.model.lap_runner:ALCoTMethod",
-    "loop": "megatron_alcot.model.baselines.loop:LoopMethod",
-    "pause": "megatron_alcot.model.baselines.pause:PauseMethod",
-    "ponder": "megatron_alcot.model.baselines.ponder:PonderMethod",
-})
-
-
-def build_method(cfg, pre_process: bool = True, post_process: bool = True) -> "LatentMethod":
-    module, _, cls = METHOD_CLASSES[cfg.latent_method].partition(":")
-    return getattr(importlib.import_module(module), cls)(cfg, pre_process, post_process)
-
-
-class LatentMethod(nn.Module):
-    """Base of the per-method lap logic; see the module docstring for the hooks."""
-
-    reuse_kv = True
-
-    def __init__(self, cfg, pre_process: bool = True, post_process: bool = True):
-        super().__init__()
-        self.cfg = cfg
-        self.pre_process, self.post_process = pre_process, post_process
-
-    def first_lap(self, model, tokens: torch.Tensor, position_ids=None) -> LapState:
-        """Lap 0: ``s·E[x]`` for every token, all active, reach 1."""
-        x = model.embedding(tokens)
-        if self.cfg.embed_scale != 1.0:
-            x = x * self.cfg.embed_scale
-        active = torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
-        reach = torch.ones(tokens.shape, dtype=torch.float32, device=tokens.device)
-        b, s = tokens.shape
-        return LapState(x, active, reach, 0, position_ids, sizes=(b * s, s))
-
-    def begin(self, model, lap: LapState, labels=None, loss_mask=None, **options):
-        raise NotImplementedError
-
-    def end_lap(self, model, ctx, lap: LapState, hidden: torch.Tensor) -> Optional[LapState]:
-        raise NotImplementedError
-
-    def finish(self, model, ctx) -> ModelOutput:
-        raise NotImplementedError
 
 
 class ALCoTContext:
@@ -208,26 +154,3 @@ class ALCoTMethod(LatentMethod):
             out.latent_loss = self.cfg.latent_loss_weight * masked_mean(ctx.penalty, ctx.loss_mask)
             out.loss = out.lm_loss + out.latent_loss
         return out
-
-
-def run_laps(model, tokens: torch.Tensor, labels=None, loss_mask=None, position_ids=None,
-             halting="learned", compact: bool = True, return_kv: bool = False, **options) -> ModelOutput:
-    """Every lap of one micro-batch on a single stage, one autograd graph (PP = 1).
-
-    ``halting``: "learned" | "never" | "always" | fn(k, reach_next, active) -> bool mask
-    (test hook). ``compact=False`` computes every token and masks instead of compacting.
-    ``options``: ``return_lap_hidden``, ``return_logits`` (default: when ``labels`` is None).
-    """
-    method = model.latent
-    lap = method.first_lap(model, tokens, position_ids)
-    ctx = method.begin(model, lap, labels=labels, loss_mask=loss_mask, halting=halting, **options)
-    past = []
-    while lap is not None:
-        hidden, kv = model.run_lap(lap, past if method.reuse_kv else (), compact=compact)
-        if method.reuse_kv or return_kv:
-            past.append(kv)
-        lap = method.end_lap(model, ctx, lap, hidden)
-    out = method.finish(model, ctx)
-    if return_kv:
-        out.kv = past
-    return out

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_alcot.model.lap_runner import LatentMethod, masked_mean
-from megatron_alcot.model.output import ModelOutput
+from megatron_alcot.model.latent.base import LatentMethod
+from megatron_alcot.model.output import ModelOutput, masked_mean
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 
 

@@ -9,7 +9,7 @@ head. Each lap attends only to its own keys/values (``reuse_kv = False``).
 """
 from __future__ import annotations
 
-from megatron_alcot.model.baselines import FixedDepthMethod
+from megatron_alcot.model.latent.fixed_depth import FixedDepthMethod
 from megatron_alcot.model.output import LapState
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_alcot.model.baselines import FixedDepthMethod
+from megatron_alcot.model.latent.fixed_depth import FixedDepthMethod
 from megatron_alcot.model.output import LapState
 from megatron_alcot.parallel.tensor_parallel import mappings
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import vocab_parallel_log_softmax

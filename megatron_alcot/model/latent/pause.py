@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatron_alcot.model.baselines import FixedDepthMethod
+from megatron_alcot.model.latent.fixed_depth import FixedDepthMethod
 from megatron_alcot.model.output import LapState
 
 
