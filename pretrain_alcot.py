@@ -9,7 +9,8 @@
     python pretrain_alcot.py --help          # every flag
 
 In Python: ``main(argv) -> exit code`` (0 done or stopped by SIGTERM/duration/interval after
-saving, 2 bad configuration, 3 too many NaN/Inf steps in a row).
+saving, 2 bad configuration, 3 too many NaN/Inf steps in a row). The flags become a ``RunConfig``
+here (``arguments.parse_args``); ``training.train.train(config)`` runs it.
 """
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ EXIT_OK, EXIT_CONFIG, EXIT_NAN = 0, 2, 3
 
 
 def main(argv: Optional[Sequence[str]] = None, **train_kwargs) -> int:
+    from megatron_alcot.arguments import parse_args
     from megatron_alcot.training.train import NanSkipLimitError, train
     try:
-        train(argv, **train_kwargs)
+        train(parse_args(argv), **train_kwargs)
     except ConfigError as exc:
         print(f"pretrain_alcot.py: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

@@ -80,6 +80,7 @@ def _measure_rank(rank, world, argv):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import megatron_alcot.training.train as train_mod
+    from megatron_alcot.arguments import parse_args
     original = train_mod.train_step
 
     def marked(*args, **kwargs):
@@ -89,7 +90,7 @@ def _measure_rank(rank, world, argv):
     train_mod.train_step = marked
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            train_mod.train(list(argv))
+            train_mod.train(parse_args(list(argv)))
     finally:
         train_mod.train_step = original
     events = list(prof.profiler.kineto_results.events())

@@ -135,11 +135,12 @@ def training_argv(ctx: Context, method: str) -> List[str]:
 
 
 def _train(ctx: Context, method: str) -> None:
+    from megatron_alcot.arguments import parse_args
     from megatron_alcot.training.train import train
     shutil.rmtree(ctx.checkpoint(method), ignore_errors=True)   # a fresh run, not a resume
     argv = training_argv(ctx, method)
     print("  pretrain_alcot.py " + " ".join(argv), flush=True)
-    history = train(argv)
+    history = train(parse_args(argv))
     final = history.evals[-1] if history.evals else {}
     ctx.results[method] = {
         "train_loss": [s["loss"] for s in history.iterations],

@@ -100,6 +100,7 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
         if rec.get("argv") == list(argv) and rec.get("code") == code_fingerprint():
             rec["reused"] = True
             return rec
+    from megatron_alcot.arguments import parse_args
     from megatron_alcot.training.train import train
     recorder = _Recorder()
     log_path = log_path or os.path.join(out_dir, f"{name}.log")
@@ -109,7 +110,7 @@ def run_training(name: str, argv: List[str], out_dir: str, label: str = "", forc
         log.write("pretrain_alcot.py " + " ".join(argv) + "\n")
         log.flush()
         try:
-            history = train(list(argv), on_model_built=recorder.attach, stream=log)
+            history = train(parse_args(list(argv)), on_model_built=recorder.attach, stream=log)
         except NanSkipLimitError as exc:
             # A diverged run is a result too: record it (and what it executed) instead of stopping the table.
             return _save(rec_path, {

@@ -15,6 +15,7 @@ Each field carries its command-line flag, help text and choices (:func:`fields.f
     training.py  OptimizerConfig, TrainConfig, LoggingConfig
     compat.py    CompatFlags: Megatron-LM flags that have no setting of their own here
     fields.py    flag() / internal(): the field metadata the parser is built from
+    run.py       RunConfig: one run's configs together, validate_run (import it from config.run)
 """
 from megatron_alcot.config.compat import TRANSFORMER_IMPLS, CompatFlags
 from megatron_alcot.config.data import NEEDS_TOKENIZER_MODEL, TOKENIZER_TYPES, DataConfig

@@ -332,12 +332,13 @@ CURVE_KEYS = ("loss", "lm_loss", "latent_loss", "grad_norm", "mean_latent_steps"
 @functools.lru_cache(maxsize=4)
 def _reference(argv: tuple) -> tuple:
     import torch
+    from megatron_alcot.arguments import parse_args
     from megatron_alcot.training.train import train
     threads, device = torch.get_num_threads(), os.environ.get("MEGATRON_ALCOT_DEVICE")
     torch.set_num_threads(1)
     os.environ["MEGATRON_ALCOT_DEVICE"] = "cpu"          # as in the launched runs (clean_env)
     try:
-        history = train(list(argv) + ["--quiet"])
+        history = train(parse_args(list(argv) + ["--quiet"]))
     finally:
         torch.set_num_threads(threads)
         if device is None:

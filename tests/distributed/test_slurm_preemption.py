@@ -88,10 +88,11 @@ def _train_records(repo) -> dict:
 
 def _uninterrupted(rank, world, argv):
     import torch
+    from megatron_alcot.arguments import parse_args
     from megatron_alcot.training.train import train
     os.environ["MEGATRON_ALCOT_DEVICE"] = "cpu"
     torch.set_num_threads(1)
-    history = train(argv + ["--quiet"])
+    history = train(parse_args(argv + ["--quiet"]))
     return [(s["iteration"], s["loss"], s["lm_loss"], s["latent_loss"], s["grad_norm"])
             for s in history.iterations]
 

@@ -15,6 +15,7 @@ and PP 2 with tied embeddings runs under ZeRO-1 and ZeRO-2 at DP 1 and DP 2.
 """
 import pytest
 
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 from training._tiny import tiny_argv
@@ -48,12 +49,12 @@ def _curve(history):
 
 
 def _grid_in_world(rank, world, points):
-    return [_curve(train(_point(**p))) for p in points]
+    return [_curve(train(parse_args(_point(**p)))) for p in points]
 
 
 @pytest.fixture(scope="module")
 def references():
-    return {tied: _curve(train(_point(tied=tied))) for tied in (True, False)}
+    return {tied: _curve(train(parse_args(_point(tied=tied)))) for tied in (True, False)}
 
 
 @pytest.mark.slow
@@ -70,7 +71,7 @@ def test_zero_grid_matches_one_process(world, references):
 
 
 def _bf16_in_world(rank, world):
-    return [_curve(train(_point(zero=z, extra=("--grad-reduce-in-bf16",)))) for z in (0, 2)]
+    return [_curve(train(parse_args(_point(zero=z, extra=("--grad-reduce-in-bf16",))))) for z in (0, 2)]
 
 
 @pytest.mark.slow

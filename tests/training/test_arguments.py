@@ -49,7 +49,7 @@ def test_megatron_command_line_round_trips():
     assert (o.lr_warmup_fraction, o.weight_decay, o.adam_beta2, o.clip_grad) == (0.02, 0.1, 0.95, 1.0)
     assert args.data.mock_data and args.data.split == "98,1,1" and args.data.vocab_size == 1000
     assert args.data.num_workers == 1 and args.logging.log_interval == 5
-    args, tok, world = prepare(args=args)
+    args, tok, world = prepare(args)
     assert world == 1 and args.model.vocab_size == tok.vocab_size
     # the stored configuration is plain data
     assert args.to_dict()["model"]["num_query_groups"] == 4
@@ -85,7 +85,7 @@ def test_defaults_follow_megatron():
 ])
 def test_bad_values_name_the_flag(override, flag):
     with pytest.raises(ConfigError, match=flag):
-        prepare(tiny_argv(**override))
+        prepare(parse_args(tiny_argv(**override)))
 
 
 def test_pipeline_parallel_is_accepted():

@@ -6,6 +6,7 @@ import pytest
 
 from _tiny import tiny_argv
 from dist_utils import run_distributed
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -28,21 +29,21 @@ def _assert_follows(curve, eager):
 @needs_compiler
 @pytest.mark.parametrize("granularity", ["full", "selective"])
 def test_compile_with_recompute_follows_the_eager_curve(granularity):
-    eager = _curve(train(tiny_argv(**KW)))
-    compiled = _curve(train(tiny_argv(torch_compile=True, recompute_granularity=granularity, **KW)))
+    eager = _curve(train(parse_args(tiny_argv(**KW))))
+    compiled = _curve(train(parse_args(tiny_argv(torch_compile=True, recompute_granularity=granularity, **KW))))
     _assert_follows(compiled, eager)
 
 
 def _train_in_world(rank, world, argv):
     import torch
     torch.set_num_threads(1)
-    return _curve(train(argv))
+    return _curve(train(parse_args(argv)))
 
 
 @pytest.mark.slow
 @needs_compiler
 def test_compile_with_tensor_parallel_follows_the_eager_curve():
-    eager = _curve(train(tiny_argv(**KW)))
+    eager = _curve(train(parse_args(tiny_argv(**KW))))
     argv = tiny_argv(torch_compile=True, tensor_model_parallel_size=2, **KW)
     ranks = run_distributed(_train_in_world, 2, argv, timeout=600)
     assert ranks[0] == ranks[1]

@@ -33,7 +33,7 @@ def _curve(history):
 
 
 def _curves(rank, world, argvs):
-    return [_curve(train(argv)) for argv in argvs]
+    return [_curve(train(parse_args(argv))) for argv in argvs]
 
 
 def _run(argvs, world=2, timeout=240):
@@ -54,7 +54,7 @@ def _config(tmp_path, stage):
 @pytest.mark.slow
 def test_deepspeed_zero_stages_match_single_process(tmp_path):
     pytest.importorskip("deepspeed")
-    reference = _curve(train(ARGV))
+    reference = _curve(train(parse_args(ARGV)))
     assert reference[-1][0] < reference[0][0]
     stages = (1, 2, 3)
     per_rank = _run([ARGV + ["--deepspeed-config", _config(tmp_path, s)] for s in stages])
@@ -85,12 +85,12 @@ def test_deepspeed_config_disagreeing_with_flags_is_a_config_error(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 5}))
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 5 disagrees"):
-        train(ARGV + ["--deepspeed-config", str(path)])
+        train(parse_args(ARGV + ["--deepspeed-config", str(path)]))
 
 
 def _resume_traces(rank, world, cases):
     steps = lambda h: [(s["iteration"], s["loss"], s["grad_norm"], s["lr"]) for s in h.iterations]  # noqa: E731
-    return [(steps(train(straight)), steps(train(first)) + steps(train(second)))
+    return [(steps(train(parse_args(straight))), steps(train(parse_args(first))) + steps(train(parse_args(second))))
             for straight, first, second in cases]
 
 
@@ -121,6 +121,6 @@ def test_deepspeed_resume_is_bitwise_exact_and_checkpoints_serve_other_runs(tmp_
         assert full3[name].shape == t.shape
         torch.testing.assert_close(full3[name], t, rtol=1e-3, atol=1e-5)
     with pytest.raises(CheckpointError, match="deepspeed's format"):
-        train(base + ["--load", dirs[3]])
-    weights_only = train(base + ["--load", dirs[3], "--no-load-optim", "--exit-interval", "5"])
+        train(parse_args(base + ["--load", dirs[3]]))
+    weights_only = train(parse_args(base + ["--load", dirs[3], "--no-load-optim", "--exit-interval", "5"]))
     assert [s["iteration"] for s in weights_only.iterations] == [5]

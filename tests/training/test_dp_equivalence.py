@@ -1,6 +1,7 @@
 """DP = 2 and DP = 2 × TP = 2 give the single-process loss curve at the same global batch."""
 import pytest
 
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 from _tiny import tiny_argv
@@ -17,11 +18,11 @@ def _curve(history):
 
 
 def _train_in_world(rank, world, argv):
-    return _curve(train(argv))
+    return _curve(train(parse_args(argv)))
 
 
 def test_data_and_tensor_parallel_match_single_process():
-    reference = _curve(train(ARGV))
+    reference = _curve(train(parse_args(ARGV)))
     assert reference[-1][0] < reference[0][0]
     dp2 = run_distributed(_train_in_world, 2, ARGV)
     tp2dp2 = run_distributed(_train_in_world, 4, ARGV + ["--tensor-model-parallel-size", "2"])
@@ -34,7 +35,7 @@ def test_data_and_tensor_parallel_match_single_process():
 @pytest.mark.parametrize("stage", ["1", "2"])
 def test_distributed_optimizer_matches_single_process(stage):
     """--use-distributed-optimizer (ZeRO-1/2 over DP) trains the same curve as plain AdamW at DP=1."""
-    reference = _curve(train(ARGV))
+    reference = _curve(train(parse_args(ARGV)))
     zero = run_distributed(_train_in_world, 2, ARGV + ["--use-distributed-optimizer",
                                                        "--zero-stage", stage])
     assert zero[0] == zero[1]

@@ -4,6 +4,7 @@ import os
 
 import torch
 
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 import pretrain_alcot
@@ -33,7 +34,7 @@ def test_nan_iteration_is_skipped_and_logged():
         snapshots.append(model)
 
     out = io.StringIO()
-    history = train(tiny_argv(train_iters=5, quiet=False, max_nan_skips=2), on_model_built=hook,
+    history = train(parse_args(tiny_argv(train_iters=5, quiet=False, max_nan_skips=2)), on_model_built=hook,
                     stream=out)
     steps = history.iterations
     assert [s["nan_skip"] for s in steps] == [False, False, True, False, False]

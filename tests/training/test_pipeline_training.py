@@ -28,7 +28,7 @@ def _curve(history):
 
 
 def _train_in_world(rank, world, argv):
-    return _curve(train(argv))
+    return _curve(train(parse_args(argv)))
 
 
 def _assert_same(curve, reference):
@@ -40,7 +40,7 @@ def _assert_same(curve, reference):
 @pytest.mark.slow
 def test_pipeline_matches_single_process_and_resumes_at_pp1(tmp_path):
     ckpt, metrics = str(tmp_path / "ckpt"), tmp_path / "metrics.jsonl"
-    ref_steps, ref_evals = _curve(train(tiny_argv(train_iters=4, **FLAGS)))
+    ref_steps, ref_evals = _curve(train(parse_args(tiny_argv(train_iters=4, **FLAGS))))
     assert any(s[4] < 2.0 for s in ref_steps[:3])          # learned halting left some tokens shallow
 
     pp2 = run_distributed(_train_in_world, 2, ARGV + PP2 + ["--save", ckpt, "--metrics-file", str(metrics)])
@@ -56,7 +56,7 @@ def test_pipeline_matches_single_process_and_resumes_at_pp1(tmp_path):
     assert [r["loss"] for r in train_rows] == pytest.approx([s[0] for s in ref_steps[:3]], rel=1e-5)
     assert [r["kind"] for r in rows].count("valid") == 2
 
-    resumed, _ = _curve(train(tiny_argv(train_iters=4, **FLAGS) + ["--load", ckpt]))
+    resumed, _ = _curve(train(parse_args(tiny_argv(train_iters=4, **FLAGS) + ["--load", ckpt])))
     _assert_same(resumed, ref_steps[3:])
 
 

@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from megatron_alcot.checkpointing import latest_iteration, list_iterations
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 from _tiny import tiny_argv
@@ -37,16 +38,16 @@ def _trace(history):
 @pytest.fixture(scope="module")
 def reference():
     """Per-step records of an uninterrupted run (same schedule: --train-iters 12)."""
-    history = train(_argv(exit_interval=REFERENCE_STEPS))
+    history = train(parse_args(_argv(exit_interval=REFERENCE_STEPS)))
     assert history.iteration == REFERENCE_STEPS
     return _trace(history)
 
 
 def test_resume_is_bitwise_exact(tmp_path, reference):
     d = str(tmp_path / "ckpt")
-    first = train(_argv(save=d, exit_interval=3))
+    first = train(parse_args(_argv(save=d, exit_interval=3)))
     assert first.exit_reason == "interval" and latest_iteration(d) == 3
-    second = train(_argv(save=d, load=d, exit_interval=6))
+    second = train(parse_args(_argv(save=d, load=d, exit_interval=6)))
     assert [s["iteration"] for s in second.iterations] == [4, 5, 6]
     assert _trace(first) + _trace(second) == reference[:6]
     assert second.consumed_samples == 6 * 8
@@ -54,10 +55,10 @@ def test_resume_is_bitwise_exact(tmp_path, reference):
 
 def test_resume_with_dropout_is_bitwise_exact(tmp_path):
     dropout = dict(hidden_dropout=0.1, attention_dropout=0.1)
-    straight = _trace(train(_argv(exit_interval=4, **dropout)))
+    straight = _trace(train(parse_args(_argv(exit_interval=4, **dropout))))
     d = str(tmp_path / "ckpt")
-    first = train(_argv(save=d, exit_interval=2, **dropout))
-    second = train(_argv(save=d, load=d, exit_interval=4, **dropout))
+    first = train(parse_args(_argv(save=d, exit_interval=2, **dropout)))
+    second = train(parse_args(_argv(save=d, load=d, exit_interval=4, **dropout)))
     assert _trace(first) + _trace(second) == straight
 
 
@@ -86,7 +87,7 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(tmp_path, reference):
     assert f"exiting at iteration {stopped} (signal)" in out
     if stopped >= REFERENCE_STEPS:
         pytest.skip(f"SIGTERM landed late (iteration {stopped}); nothing left to compare")
-    resumed = train(_argv(save=d, load=d, exit_interval=REFERENCE_STEPS))
+    resumed = train(parse_args(_argv(save=d, load=d, exit_interval=REFERENCE_STEPS)))
     assert _trace(resumed) == reference[stopped:REFERENCE_STEPS]
 
 
@@ -131,6 +132,6 @@ def test_sigkill_during_save_resumes_from_previous(tmp_path, reference):
             proc.kill()
     assert proc.returncode == -signal.SIGKILL, "".join(lines)
     assert latest_iteration(d) == 2 and list_iterations(d) == [2]
-    resumed = train(_argv(save=d, load=d, exit_interval=REFERENCE_STEPS))
+    resumed = train(parse_args(_argv(save=d, load=d, exit_interval=REFERENCE_STEPS)))
     assert _trace(resumed) == reference[2:REFERENCE_STEPS]
     assert not any(".tmp" in name for name in os.listdir(d))   # the next save cleaned up

@@ -33,9 +33,10 @@ def test_keeps_newest_complete_and_latest_and_ignores_saves_in_progress(tmp_path
 
 def test_training_keeps_the_last_two_and_they_load(tmp_path):
     from megatron_alcot.checkpointing import load_full_state_dict
+    from megatron_alcot.arguments import parse_args
     from megatron_alcot.training.train import train
     save = str(tmp_path / "ckpt")
-    train(tiny_argv(train_iters=5, save=save, save_interval=1, keep_last_checkpoints=2))
+    train(parse_args(tiny_argv(train_iters=5, save=save, save_interval=1, keep_last_checkpoints=2)))
     assert list_iterations(save) == [4, 5] and latest_iteration(save) == 5
     state, meta = load_full_state_dict(save, 4)
     assert meta["iteration"] == 4 and all(torch.isfinite(t).all() for t in state.values())

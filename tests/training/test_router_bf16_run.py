@@ -1,6 +1,7 @@
 """Black box: a --bf16 training run routes in fp32 (g at init is the configured 0.9)."""
 import torch
 
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 from _tiny import tiny_argv
@@ -19,8 +20,8 @@ def test_bf16_training_run_starts_at_init_prob():
 
         inner.register_forward_hook(record, with_kwargs=True)
 
-    train(tiny_argv(train_iters=1, bf16=None, latent_max_steps=2, save=False,
-                    untie_embeddings_and_output_weights=None), on_model_built=hook)
+    train(parse_args(tiny_argv(train_iters=1, bf16=None, latent_max_steps=2, save=False,
+                    untie_embeddings_and_output_weights=None)), on_model_built=hook)
     g = seen[0]
     first = g[..., 0]
     assert (first.double() - 0.9).abs().max() <= torch.finfo(torch.float32).eps

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.signals import DistributedSignalHandler
 from _tiny import tiny_argv
 
@@ -74,7 +75,7 @@ def test_any_rank_on_the_backend_device():
 
 def _duration_exit(rank, world, save):
     from megatron_alcot.training.train import train
-    history = train(tiny_argv(train_iters=5, save=save, exit_duration_in_mins=1e-9))
+    history = train(parse_args(tiny_argv(train_iters=5, save=save, exit_duration_in_mins=1e-9)))
     return history.exit_reason, history.iteration
 
 
@@ -101,7 +102,7 @@ def test_exit_signal_usr1_saves_and_writes_last_exit(tmp_path):
 
     argv = tiny_argv(train_iters=6, global_batch_size=2, save=str(tmp_path), exit_signal_handler=True,
                      exit_signal="SIGUSR1")
-    history = train(argv, on_model_built=signal_on_second_forward)
+    history = train(parse_args(argv), on_model_built=signal_on_second_forward)
     assert (history.exit_reason, history.iteration) == ("signal", 2)
     assert latest_iteration(str(tmp_path)) == 2
     record = json.loads((tmp_path / "last_exit.json").read_text())

@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import _disable_current_modes
 
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.model import build_model
 from megatron_alcot.model.presets import preset
 from megatron_alcot.training import train as train_module
@@ -91,7 +92,7 @@ def _iteration_syncs(monkeypatch, **flags):
 
     monkeypatch.setattr(train_module, "train_step", counted_step)
     monkeypatch.setattr(FlopsMeter, "micro_batch_flops", host_flops)
-    train_module.train(tiny_argv(train_iters=2, save=False, latent_threshold=0.5, **flags))
+    train_module.train(parse_args(tiny_argv(train_iters=2, save=False, latent_threshold=0.5, **flags)))
     return per_iteration
 
 

@@ -19,8 +19,8 @@ def _curve(history):
 @pytest.mark.parametrize("method", ["vanilla", "alcot"])
 def test_compiled_layers_follow_the_eager_curve(method):
     kw = dict(latent_method=method, train_iters=3, latent_threshold=0.5)
-    eager = _curve(train(tiny_argv(**kw)))
-    compiled = _curve(train(tiny_argv(torch_compile=True, **kw)))
+    eager = _curve(train(parse_args(tiny_argv(**kw))))
+    compiled = _curve(train(parse_args(tiny_argv(torch_compile=True, **kw))))
     assert len(eager) == len(compiled) == 3
     for (l1, g1, s1), (l2, g2, s2) in zip(eager, compiled):
         assert l2 == pytest.approx(l1, rel=1e-4) and g2 == pytest.approx(g1, rel=1e-3)

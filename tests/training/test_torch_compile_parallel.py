@@ -8,6 +8,7 @@ import pytest
 
 from _tiny import tiny_argv
 from dist_utils import run_distributed, run_distributed_hard_exit
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
@@ -20,7 +21,7 @@ def _curve(history):
 
 
 def _train_in_world(rank, world, argv):
-    return _curve(train(argv))
+    return _curve(train(parse_args(argv)))
 
 
 def _assert_follows(curve, eager):
@@ -33,7 +34,7 @@ def _assert_follows(curve, eager):
 @pytest.mark.slow
 @needs_compiler
 def test_compiled_pipeline_follows_the_eager_curve():
-    eager = _curve(train(tiny_argv(**KW)))
+    eager = _curve(train(parse_args(tiny_argv(**KW))))
     argv = tiny_argv(torch_compile=True, pipeline_model_parallel_size=2, **KW)
     ranks = run_distributed(_train_in_world, 2, argv, timeout=300)
     assert ranks[0] == ranks[1]
@@ -46,7 +47,7 @@ def test_compiled_deepspeed_follows_the_eager_curve(tmp_path):
     pytest.importorskip("deepspeed")
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9}))
-    eager = _curve(train(tiny_argv(**KW)))
+    eager = _curve(train(parse_args(tiny_argv(**KW))))
     argv = tiny_argv(torch_compile=True, deepspeed_config=str(config), **KW)
     ranks = run_distributed_hard_exit(_train_in_world, 2, argv, env={"DS_ACCELERATOR": "cpu"}, timeout=300)
     assert ranks[0] == ranks[1]

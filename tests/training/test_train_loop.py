@@ -4,6 +4,7 @@ import os
 
 import pytest
 
+from megatron_alcot.arguments import parse_args
 from megatron_alcot.training.train import train
 
 from _tiny import tiny_argv
@@ -12,9 +13,9 @@ from _tiny import tiny_argv
 def test_loop_lowers_loss_and_logs(tmp_path):
     out = io.StringIO()
     tb = tmp_path / "tb"
-    history = train(tiny_argv(train_iters=8, quiet=False, log_interval=4, eval_interval=4,
+    history = train(parse_args(tiny_argv(train_iters=8, quiet=False, log_interval=4, eval_interval=4,
                               eval_iters=1, tensorboard_dir=str(tb), peak_flops=1.0,
-                              recompute_granularity="full"), stream=out)
+                              recompute_granularity="full")), stream=out)
     losses = [s["loss"] for s in history.iterations]
     assert losses[-1] < losses[0] - 0.3
     text = out.getvalue()
@@ -30,15 +31,15 @@ def test_loop_lowers_loss_and_logs(tmp_path):
 
 
 def test_bf16_vanilla_and_exit_interval():
-    history = train(tiny_argv(train_iters=6, bf16=None, latent_method="vanilla", exit_interval=3,
-                              save=False))
+    history = train(parse_args(tiny_argv(train_iters=6, bf16=None, latent_method="vanilla", exit_interval=3,
+                              save=False)))
     assert history.exit_reason == "interval" and history.iteration == 3
     assert all(s["mean_latent_steps"] == 0.0 for s in history.iterations)
     assert history.iterations[-1]["loss"] < history.iterations[0]["loss"]
 
 
 def test_fp16_dynamic_loss_scale_runs():
-    history = train(tiny_argv(train_iters=3, fp16=None, initial_loss_scale=2 ** 40))
+    history = train(parse_args(tiny_argv(train_iters=3, fp16=None, initial_loss_scale=2 ** 40)))
     # the huge initial scale overflows first; the scaler backs off and training proceeds
     assert history.iterations[0]["loss_scale"] <= 2 ** 40
     assert not any(s["nan_skip"] for s in history.iterations)
