@@ -22,43 +22,8 @@ returns ``(full_state_dict, metadata)``: every shard merged to TP = 1 / PP = 1 f
 global layer indices. ``tools/checkpoint/reshard_checkpoint.py`` rewrites a checkpoint for another
 TP/PP size with the same code.
 
-Layout::
-
-    ckpts/latest_checkpointed_iteration.txt        "1000" (moved last, via temp + rename)
-    ckpts/iter_0001000/metadata.json               rank 0: config, topology, per-tensor info
-    ckpts/iter_0001000/model_tp00_pp000.pt         model weights of (tp, pp); written by dp rank 0
-    ckpts/iter_0001000/optim_tp00_pp000_dp000.pt   optimizer state (every dp rank when the
-                                                   optimizer is DP-sharded, else dp rank 0 only)
-    ckpts/iter_0001000/state_tp00_pp000_dp000.pt   RNG states (python, numpy, torch, CUDA, TP
-                                                   tracker) and scheduler state of every rank
-
-Keys in model and optimizer files use *global* layer indices (``decoder.layers.{i}`` counted over the
-whole model), so pipeline stages can be merged and re-split. Every file holds only tensors and
-primitive containers and is read with ``torch.load(weights_only=True)``.
-
-Atomicity: files go to ``iter_NNNNNNN.tmp/``, each is fsync'd, all ranks meet at a barrier, rank 0
-writes ``metadata.json`` (with every file's size), renames the directory to ``iter_NNNNNNN`` and
-then replaces ``latest_checkpointed_iteration.txt``. A crash at any point leaves the previous
-checkpoint and the pointer to it intact; leftover ``*.tmp`` directories are ignored by loading and
-removed by the next save.
-
-Optimizer contract: a ``torch.optim.Optimizer`` (or a wrapper exposing ``param_groups`` / ``state``
-over the model's own parameters) is stored per parameter *name*, so its per-parameter tensors
-(Adam ``exp_avg``, ``exp_avg_sq``) are resharded like the parameters on a topology change. Any other
-optimizer is stored opaquely via ``state_dict()``; an optimizer that sets
-``data_parallel_sharded = True`` (ZeRO) is saved by every DP rank. Opaque or DP-sharded optimizer
-state loads only into the same TP/PP/DP layout; otherwise loading raises and says to pass
-``load_optim=False`` (``--no-load-optim``).
-
-Topology change: when TP or PP differ from the saved ones, every needed shard is merged to the
-full tensor (``partition_dim`` / ``partition_stride`` from the metadata), the vocabulary dim is fitted
-to the current padded size (saved rows kept where they fit, zero rows added, never cut below the
-true vocabulary size stored in the metadata), and the tensor is cut for this rank. A DP change
-alone needs no resharding (model files are per (tp, pp)). RNG states are restored only when TP,
-PP and DP all match the saved ones (``info["rng_restored"]``).
-
-Errors (missing directory or shard, unknown iteration, shape/config mismatch, truncated or corrupt
-file) raise :class:`CheckpointError` naming the path and the fix.
+Files, ``metadata.json``, atomic writes, the optimizer contract, resharding on a topology change
+and errors: docs/architecture.md §7 (the one description of checkpoints).
 """
 from __future__ import annotations
 

@@ -7,18 +7,7 @@
     >>> latest_iteration("ckpts")          # None when no checkpoint exists yet
     >>> meta = read_metadata("ckpts/iter_0001000")   # dict; CheckpointError when absent or bad
 
-``metadata.json`` (format version ``FORMAT_VERSION``)::
-
-    {"format_version": 1, "framework_version": "0.1.0", "iteration": 1000,
-     "consumed_samples": 64000, "data_config_hash": "...", "config": {...}, "extra": {...},
-     "topology": {"tp": 2, "pp": 1, "dp": 4, "world": 8},
-     "vocab": {"true_size": 32000, "padded_size": 32256},
-     "optimizer": {"kind": "per_parameter" | "opaque" | null, "dp_sharded": false},
-     "rng": {"files": "state_tp{tp:02d}_pp{pp:03d}_dp{dp:03d}.pt"},
-     "tensors": {"decoder.layers.0.mlp.linear_fc1.weight":
-                 {"global_shape": [256, 64], "partition_dim": 0, "partition_stride": 2,
-                  "dtype": "float32", "pp_rank": 0, "vocab": false}, ...},
-     "files": {"model_tp00_pp000.pt": 123456, ...}}          # name -> size in bytes
+The fields of ``metadata.json``: docs/architecture.md §7.1.
 """
 from __future__ import annotations
 

@@ -2,12 +2,7 @@
 
     removed = prune_checkpoints("ckpts", keep_last=3)   # rank 0, after a save: [iterations deleted]
 
-Only complete checkpoints (renamed ``iter_NNNNNNN`` directories with ``metadata.json``) are
-counted and deleted; the one ``latest_checkpointed_iteration.txt`` names is always kept, and a save
-in progress (``iter_NNNNNNN.tmp``) is never touched. A directory is first renamed to
-``iter_NNNNNNN.deleting.tmp`` and then removed: loading ignores ``*.tmp`` names and the next save
-clears them, so a crash in the middle of a deletion never leaves a half-deleted checkpoint that a
-resume could pick.
+What is kept and how a deletion stays crash-safe: docs/architecture.md §7.2.
 """
 from __future__ import annotations
 
