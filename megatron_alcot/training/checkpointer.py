@@ -4,7 +4,8 @@ docs/architecture.md §7).
     checkpointer = Checkpointer(save_dir="ckpts", save_interval=1000,
                                 write=lambda iteration, consumed: ..., is_rank0=True, emit=print)
     checkpointer.save(iteration, consumed, nan_streak=nan.streak)  # every --save-interval
-    checkpointer.save(iteration, consumed, last=True)   # exit or end of run
+    checkpointer.finish(iteration, consumed, "signal")  # exit or end: save(last=True), record_exit
+    checkpointer.save(iteration, consumed, last=True)   # unless this iteration was just saved
     checkpointer.record_exit("signal", iteration)       # rank 0: last_exit.json for slurm/_job.sh
     checkpointer.saved                                  # iterations this run wrote
 
@@ -51,6 +52,11 @@ class Checkpointer:
         self.write(iteration, consumed)
         self.saved.append(iteration)
         return "saved"
+
+    def finish(self, iteration: int, consumed: int, reason: str) -> None:
+        """The run ends after ``iteration`` (``reason``: finished, signal, duration, interval)."""
+        self.save(iteration, consumed, last=True)
+        self.record_exit(reason, iteration)
 
     def record_exit(self, reason: str, iteration: int) -> None:
         if self.is_rank0 and self.save_dir:      # slurm/_job.sh requeues only after a clean stop

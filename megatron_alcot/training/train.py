@@ -106,12 +106,12 @@ def _loop(run: Run, start_time: float) -> History:
     nan = NanPolicy(t.max_nan_skips, emit=logger.print)
     with ExitPolicy.from_config(t, start_time) as exits:
         while iteration < run.train_iters:
-            with timers("step"):
+            with timers("iteration"):
                 stats = train_step(run.ctx, run.train_it, run.forward_step)
             iteration += 1
             consumed += run.gbs
             history.iterations.append(_record(iteration, consumed, stats))
-            window.add(stats, timers.elapsed("step"))
+            window.add(stats, timers.elapsed("iteration"))
             try:
                 nan.observe(iteration, stats)
             except NanSkipLimitError:
@@ -125,15 +125,13 @@ def _loop(run: Run, start_time: float) -> History:
             reason = exits.reason(iteration)
             if reason is not None:
                 history.exit_reason = reason
-                checkpointer.save(iteration, consumed, last=True)
-                checkpointer.record_exit(reason, iteration)
+                checkpointer.finish(iteration, consumed, reason)
                 logger.print(f"exiting at iteration {iteration} ({reason}); checkpoint saved to {t.save}")
                 break
     if history.exit_reason == "finished":
         if validator.validates_at_end():
             history.evals.append(validator.validate(iteration))
-        checkpointer.save(iteration, consumed, last=True)
-        checkpointer.record_exit("finished", iteration)
+        checkpointer.finish(iteration, consumed, "finished")
     history.iteration, history.consumed_samples = iteration, consumed
     logger.close()
     return history

@@ -55,6 +55,18 @@ def test_nothing_without_save_dir(tmp_path):
     assert written == [] and not os.listdir(tmp_path)
 
 
+def test_finish_saves_unless_just_saved_then_records_the_exit(tmp_path):
+    import json
+    cp, written, _ = _checkpointer(tmp_path, interval=2)
+    cp.save(4, 32)
+    cp.finish(4, 32, "interval")
+    assert written == [(4, 32)]
+    assert json.loads((tmp_path / "last_exit.json").read_text())["reason"] == "interval"
+    cp.finish(5, 40, "finished")
+    assert written == [(4, 32), (5, 40)]
+    assert json.loads((tmp_path / "last_exit.json").read_text())["iteration"] == 5
+
+
 def test_last_exit_on_rank_0_only(tmp_path):
     import json
     cp, _, _ = _checkpointer(tmp_path / "r1", is_rank0=False)
