@@ -49,6 +49,7 @@ from megatron_alcot.checkpointing.metadata import (FORMAT_VERSION, LATEST_FILE, 
 from megatron_alcot.checkpointing.reshard import (ShardReader, fit_vocab, global_shape,
                                                   is_vocab_tensor, layer_index, merged_tensor,
                                                   partition_info, shard_tensor, to_global_name)
+from megatron_alcot.model.llama import LlamaModel
 from megatron_alcot.parallel import parallel_state
 
 logger = logging.getLogger(__name__)
@@ -87,13 +88,10 @@ def _barrier() -> None:
 def _layer_offset(model: torch.nn.Module, c: dict) -> int:
     """What to add to this stage's ``decoder.layers.{i}`` indices to make them global.
 
-    ``model.layer_offset`` when the model says so; 0 when its names are global already (a
-    ``layer_range`` model, or the stage's first index is not 0); else an even split over stages.
+    0 when its names are global already (``LlamaModel`` names its layers by global index, and a
+    module whose first index is not 0 does too); else an even split over stages.
     """
-    offset = getattr(model, "layer_offset", None)
-    if offset is not None:
-        return int(offset)
-    if c["pp_size"] == 1 or hasattr(model, "layer_range"):
+    if c["pp_size"] == 1 or isinstance(model, LlamaModel):
         return 0
     local = {layer_index(n) for n, _ in model.named_parameters()} - {None}
     if not local or min(local) > 0:

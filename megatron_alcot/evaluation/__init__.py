@@ -29,9 +29,11 @@ def generate_tokens(scorer, prompt: Sequence[int], max_new_tokens: int, temperat
     Decoding ends after ``eos``, when ``stop(ids_so_far)`` returns True (e.g. a stop string was
     produced) or after ``max_new_tokens``.
     """
+    from megatron_alcot.evaluation.perplexity import NativeScorer
     from megatron_alcot.model.generation import generate
-    model = getattr(scorer, "model", scorer)
-    if not hasattr(model, "latent"):
+    from megatron_alcot.model.llama import LlamaModel
+    model = scorer.model if isinstance(scorer, NativeScorer) else scorer
+    if not isinstance(model, LlamaModel):
         raise TypeError(f"generate_tokens needs a native model or NativeScorer, got {type(scorer).__name__}; "
                         "decode a Hugging Face export with its model.generate()")
     if not prompt:

@@ -83,9 +83,9 @@ class LlamaModel(nn.Module):
                                       and self.tp > 1)
         self.layer_range = tuple(layer_range) if layer_range is not None else (0, cfg.num_layers)
         self.padded_vocab_size = cfg.padded_vocab_size(self.tp)
-        if pre_process:
-            self.embedding = LanguageEmbedding(cfg, self.padded_vocab_size)
+        self.embedding = LanguageEmbedding(cfg, self.padded_vocab_size) if pre_process else None
         self.decoder = TransformerBlock(cfg, self.layer_range, post_process, self.sequence_parallel)
+        self.output_layer = None          # the LM head is the embedding (tied, same stage)
         if post_process and (cfg.untie_embeddings_and_output_weights or not pre_process):
             self.output_layer = ColumnParallelLinear(
                 cfg.hidden_size, self.padded_vocab_size, bias=False, gather_output=False,
@@ -103,7 +103,7 @@ class LlamaModel(nn.Module):
     @property
     def output_weight(self) -> torch.Tensor:
         """This rank's ``[V_padded/tp, h]`` LM-head weight (the embedding when tied)."""
-        if hasattr(self, "output_layer"):
+        if self.output_layer is not None:
             return self.output_layer.weight
         return self.embedding.word_embeddings.weight
 

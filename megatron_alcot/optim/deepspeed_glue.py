@@ -152,14 +152,15 @@ class Zero3Root(torch.nn.Module):
         embedding weights (``lm_head``, the tied head, the target probability, PonderLM's
         embedding mix) and the routers (``Routers.continue_prob``)."""
         from megatron_alcot.model.latent.router import Routers  # noqa: PLC0415
+        from megatron_alcot.model.llama import LlamaModel  # noqa: PLC0415
         params = {}
         for module in self.model.modules():
             if isinstance(module, Routers):
                 params.update((id(p), p) for p in module.parameters())
-            for name in ("output_layer", "embedding"):
-                child = module._modules.get(name)
-                if child is not None and hasattr(module, "output_weight"):
-                    params.update((id(p), p) for p in child.parameters())
+            if isinstance(module, LlamaModel):
+                for child in (module.output_layer, module.embedding):
+                    if child is not None:
+                        params.update((id(p), p) for p in child.parameters())
         return list(params.values())
 
     def register_external(self) -> None:

@@ -6,16 +6,18 @@
 block --recompute-num-layers N`` only the first N layers, with ``uniform`` every layer.
 ``selective`` checkpoints only each layer's attention sub-module. Checkpointing is
 ``torch.utils.checkpoint`` with ``use_reentrant=False``, which accepts the keys/values a lap
-passes in and returns, and restores the RNG state for the recomputation. A model that offers
-``configure_recompute(granularity, method, num_layers)`` is asked to do it itself.
+passes in and returns, and restores the RNG state for the recomputation. ``model`` is the model
+itself (a pipeline stage), not a data-parallel wrapper.
 """
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from megatron_alcot.model.llama import LlamaModel
 
 
 def _wrap(module: torch.nn.Module) -> None:
@@ -30,24 +32,16 @@ def _wrap(module: torch.nn.Module) -> None:
     module.forward = forward
 
 
-def find_layers(model: torch.nn.Module):
-    inner = getattr(model, "module", model)
-    decoder = getattr(inner, "decoder", None)
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise RuntimeError("--recompute-granularity: the model has no decoder.layers to checkpoint")
-    return list(layers.values()) if isinstance(layers, torch.nn.ModuleDict) else list(layers)
+def find_layers(model: LlamaModel) -> List[torch.nn.Module]:
+    """This stage's transformer layers in order."""
+    return list(model.decoder.layers.values())
 
 
-def apply_recompute(model: torch.nn.Module, granularity: Optional[str], method: Optional[str] = None,
+def apply_recompute(model: LlamaModel, granularity: Optional[str], method: Optional[str] = None,
                     num_layers: Optional[int] = None) -> int:
     """Wrap the chosen layers; returns how many modules were wrapped."""
     if granularity is None:
         return 0
-    inner = getattr(model, "module", model)
-    if hasattr(inner, "configure_recompute"):
-        inner.configure_recompute(granularity, method, num_layers)
-        return -1
     layers = find_layers(model)
     if granularity == "full" and method == "block" and num_layers:
         layers = layers[:num_layers]
