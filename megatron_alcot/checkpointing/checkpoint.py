@@ -60,13 +60,6 @@ __all__ = ["save_checkpoint", "load_checkpoint", "load_full_state_dict", "latest
 
 
 # --- topology helpers -------------------------------------------------------------------------
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The bare model under DDP-style wrappers (``.module``)."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
-
-
 def _coords() -> dict:
     return {"tp": parallel_state.get_tensor_model_parallel_rank(),
             "pp": parallel_state.get_pipeline_model_parallel_rank(),
@@ -206,8 +199,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer=None, schedu
     json-able dict`` is called on every rank to write that state into the same directory (rank 0's
     dict becomes the metadata's ``engine`` section), and ``full_params()`` is a context manager
     in which the model's parameters hold their full values (ZeRO-3) while the model files are
-    written."""
-    model = _unwrap(model)
+    written. ``model`` is the model itself, not a data-parallel wrapper."""
     c = _coords()
     rank = dist.get_rank() if _dist_on() else 0
     final = iteration_dir(save_dir, iteration)
@@ -315,7 +307,6 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, *,
             raise CheckpointError(f"checkpoint {path} was saved with another model shape:\n"
                                   + "\n".join(diff) + "\nfix the flags to match the checkpoint, "
                                   "or convert the checkpoint")
-    model = _unwrap(model)
     c = _coords()
     saved = meta["topology"]
     resharded = (saved["tp"], saved["pp"]) != (c["tp_size"], c["pp_size"])

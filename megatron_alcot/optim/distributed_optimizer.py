@@ -106,8 +106,7 @@ class DistributedOptimizer:
         self.optimizer = self._build_inner_optimizer(base_groups, lr, betas, eps)
         self._steps = 0
         self._build_grad_buffer(overlap_grad_reduce, grad_reduce_in_bf16)
-        self.overlap_param_gather = overlap_param_gather and self.param_buffer is not None and self.dp_size > 1
-        self._gathers: dict = {}
+        self._plan_param_gather(overlap_param_gather)
         self._select_norm_slices()
 
     # --- construction, one step each ----------------------------------------------------------
@@ -183,6 +182,11 @@ class DistributedOptimizer:
             streaming=self.zero_stage == 2, per_round=self.zero_stage == 2 and _pipeline_size() == 1,
             overlap=overlap_grad_reduce)
         self._reduced = False
+
+    def _plan_param_gather(self, overlap_param_gather: bool) -> None:
+        """Asynchronous all-gathers of the updated parameters need one flat parameter buffer."""
+        self.overlap_param_gather = overlap_param_gather and self.param_buffer is not None and self.dp_size > 1
+        self._gathers: dict = {}
 
     def _select_norm_slices(self) -> None:
         """Owned slices counted in the norm on this rank (see clip_grads), and those of

@@ -170,7 +170,7 @@ def _leaf_kv(kv: LapKV) -> LapKV:
 class _LapPipeline:
     def __init__(self, model, forward_step_func, data_iterator, num_microbatches, forward_only,
                  scale_loss, halting, autocast_dtype, compact, lap_trace, order, max_in_flight, stats):
-        self.stage = getattr(model, "module", model)
+        self.stage = model
         self.method = self.stage.latent
         self.forward_step_func = forward_step_func or default_forward_step
         self.data_iterator = data_iterator
@@ -430,9 +430,10 @@ def forward_backward_pipelining_with_laps(*, forward_step_func: Optional[Callabl
                                           no_sync: Callable[[], ContextManager] = contextlib.nullcontext
                                           ) -> List:
     """Run the forward (and unless ``forward_only`` the backward) of ``num_microbatches`` on this
-    stage. Gradients accumulate into the parameters' ``.grad`` (each loss divided by
-    ``num_microbatches``, then ``scale_loss``); the whole call runs under ``no_sync()`` (the
-    data-parallel wrapper's, ``optim.grad_sync``) and the caller's ``finish_grad_sync`` reduces. ``halting``: one mode or callable for
+    stage (``model``: the stage itself, a data-parallel wrapper's ``module``). Gradients accumulate
+    into the parameters' ``.grad`` (each loss divided by ``num_microbatches``, then
+    ``scale_loss``); the whole call runs under ``no_sync()`` (the data-parallel wrapper's,
+    ``optim.grad_sync``) and the caller's ``finish_grad_sync`` reduces. ``halting``: one mode or callable for
     all micro-batches, or a list with one per micro-batch. ``order``: ``"1f1b"`` (backward as soon
     as a micro-batch finished, at most ``max_in_flight`` (default 2·P) alive) or ``"gpipe"`` (every
     backward after every forward). ``lap_trace``: a list that receives ``(micro_batch, k)`` for

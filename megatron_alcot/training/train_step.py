@@ -194,7 +194,9 @@ def train_step(ctx: IterationContext, data_iterator: Iterator,
     # One autocast weight cache for the whole step: one low-precision copy of each weight, not
     # one per micro-batch (PP = 1) or per lap (PP > 1).
     with weight_cast_region(ctx.device, ctx.autocast_dtype):
-        infos = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
+        # The lap pipeline drives the stage's laps itself; PP = 1 calls the wrapper's forward.
+        infos = fb(forward_step_func=forward_step, data_iterator=data_iterator,
+                   model=model.module if ctx.pipeline_model_parallel_size > 1 else model,
                    num_microbatches=ctx.num_microbatches, scale_loss=optimizer.scale_loss,
                    no_sync=model.no_sync)
     # Tied-embedding copies first: the data-parallel reduction may be a sharded reduce-scatter.

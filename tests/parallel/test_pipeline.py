@@ -104,7 +104,7 @@ def _pipeline_body(rank, world_size, cases):
             no_sync = model.no_sync
         infos = forward_backward_pipelining_with_laps(
             forward_step_func=step,
-            data_iterator=iter(case["batches"]), model=model, num_microbatches=len(case["batches"]),
+            data_iterator=iter(case["batches"]), model=stage, num_microbatches=len(case["batches"]),
             halting=case["halting"], lap_trace=trace, forward_only=case.get("forward_only", False),
             max_in_flight=case.get("max_in_flight"), order=case.get("order", "1f1b"), stats=stats,
             no_sync=no_sync)
