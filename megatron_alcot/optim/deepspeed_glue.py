@@ -57,6 +57,8 @@ from typing import ContextManager, Optional, Tuple, Union
 
 import torch
 
+from megatron_alcot.model.latent.router import Routers
+from megatron_alcot.model.llama import LlamaModel
 from megatron_alcot.optim.optimizer import param_groups
 from megatron_alcot.parallel import parallel_state
 
@@ -151,8 +153,6 @@ class Zero3Root(torch.nn.Module):
         """The parameters the model reads outside their own module's forward: the LM head and
         embedding weights (``lm_head``, the tied head, the target probability, PonderLM's
         embedding mix) and the routers (``Routers.continue_prob``)."""
-        from megatron_alcot.model.latent.router import Routers  # noqa: PLC0415
-        from megatron_alcot.model.llama import LlamaModel  # noqa: PLC0415
         params = {}
         for module in self.model.modules():
             if isinstance(module, Routers):
@@ -218,9 +218,9 @@ def _mark_call_inputs(module, args, out):
     return None
 
 
-def _is_project_model(model: torch.nn.Module) -> bool:
-    """Whether ``model`` holds modules of this project's model package (see :class:`Zero3Root`)."""
-    return any(type(m).__module__.startswith("megatron_alcot.model") for m in model.modules())
+def _holds_llama_model(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is or wraps this project's model (see :class:`Zero3Root`)."""
+    return any(isinstance(m, LlamaModel) for m in model.modules())
 
 
 def _default_single_process_env() -> None:
@@ -259,7 +259,7 @@ def initialize_deepspeed(model: torch.nn.Module, optimizer_params=None,
                                     global_batch_size=global_batch_size, clip_grad=clip_grad,
                                     zero_stage=zero_stage, bf16=bf16)
     zero3 = config.get("zero_optimization", {}).get("stage", 0) == 3
-    root = Zero3Root(model) if zero3 and _is_project_model(model) else model
+    root = Zero3Root(model) if zero3 and _holds_llama_model(model) else model
     _default_single_process_env()
     groups = optimizer_params if optimizer_params is not None else \
         param_groups(model.named_parameters(), weight_decay)
