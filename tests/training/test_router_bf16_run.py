@@ -12,13 +12,11 @@ def test_bf16_training_run_starts_at_init_prob():
     seen = []
 
     def hook(model):
-        inner = getattr(model, "module", model)
-
         def record(_module, _args, _kwargs, output):
             if not seen:
                 seen.append(output.continue_prob.detach().clone())
 
-        inner.register_forward_hook(record, with_kwargs=True)
+        model.register_forward_hook(record, with_kwargs=True)
 
     train(parse_args(tiny_argv(train_iters=1, bf16=None, latent_max_steps=2, save=False,
                     untie_embeddings_and_output_weights=None)), on_model_built=hook)
