@@ -6,7 +6,8 @@
     stage = build_model(cfg, pcfg, pre_process=False, post_process=True, layer_range=(12, 24))
 
 Files: ``llama.py`` (``LlamaModel``: a stage and its ``run_lap``), ``transformer_layer.py`` (norm,
-MLP, layer, init), ``attention.py`` (2-D-masked GQA with K/V reuse), ``compaction.py`` (active-row
+MLP, layer, init), ``spec.py`` (the kernels, chosen once per model), ``attention.py`` (2-D-masked
+GQA with K/V reuse), ``compaction.py`` (active-row
 gather/scatter and padded layout), ``latent/`` (the loop over laps, ALCoT and the baselines),
 ``rotary.py``, ``output.py``, ``presets.py``.
 """

@@ -14,7 +14,7 @@ Keys/values are stored per lap in the padded layout of that lap's queries::
 A decoding cache keyed by (layer, lap) can hold the same blocks (one per lap, appended to as
 tokens arrive); a pipeline schedule can detach them at lap boundaries and feed their gradients back.
 
-    attn = SelfAttention(cfg, sequence_parallel=False)
+    attn = SelfAttention(cfg, spec, sequence_parallel=False)     # spec: the model's LayerSpec (spec.py)
     out_rows, k, v = attn(x_rows, ctx, past_keys, past_values)
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_alcot.model.attention_backends import core_attention
+from megatron_alcot.model.attention_backends import AttentionCore
 from megatron_alcot.model.compaction import Compaction
 from megatron_alcot.model.lap_attention import LapMask
 from megatron_alcot.model.rotary import apply_rotary
@@ -78,10 +78,10 @@ def split_grouped_qkv(qkv: torch.Tensor, groups: int, heads_per_group: int, head
 
 
 class SelfAttention(nn.Module):
-    """Column-parallel fused QKV, 2-D-masked attention over past + current keys (``--attention-backend``),
-    row-parallel output."""
+    """Column-parallel fused QKV, 2-D-masked attention over past + current keys through the spec's
+    ``core_attention`` (``--attention-backend``, chosen when the model was built), row-parallel output."""
 
-    def __init__(self, cfg, *, init_method, output_init_method, sequence_parallel: bool = False):
+    def __init__(self, cfg, spec, *, init_method, output_init_method, sequence_parallel: bool = False):
         super().__init__()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         self.head_dim = cfg.head_dim
@@ -89,16 +89,16 @@ class SelfAttention(nn.Module):
         self.heads_per_group = cfg.num_attention_heads // cfg.query_groups
         self.heads = self.groups * self.heads_per_group
         self.dropout = cfg.attention_dropout
-        self.backend = cfg.attention_backend
+        self.core_attention: AttentionCore = spec.core_attention
         dtype = getattr(torch, cfg.params_dtype)
         qkv_size = (cfg.num_attention_heads + 2 * cfg.query_groups) * cfg.head_dim
         self.linear_qkv = ColumnParallelLinear(
             cfg.hidden_size, qkv_size, bias=False, gather_output=False, init_method=init_method,
-            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=cfg.cpu_gemm_backend)
+            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=spec.gemm)
         self.linear_proj = RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, bias=False,
             input_is_parallel=True, init_method=output_init_method,
-            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=cfg.cpu_gemm_backend)
+            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=spec.gemm)
 
     def forward(self, x: torch.Tensor, ctx: LapContext, past_keys: Sequence[torch.Tensor] = (),
                 past_values: Sequence[torch.Tensor] = ()):
@@ -111,8 +111,7 @@ class SelfAttention(nn.Module):
         q, k, v = (comp.to_padded(t).transpose(1, 2) for t in (q, k, v))
         keys = torch.cat([*past_keys, k], dim=2) if past_keys else k
         values = torch.cat([*past_values, v], dim=2) if past_values else v
-        out = core_attention(q, keys, values, mask=ctx.mask,
-                             dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        out = self.core_attention(q, keys, values, ctx.mask, self.dropout if self.training else 0.0)
         out = comp.from_padded(out.transpose(1, 2)).reshape(comp.n, self.heads * self.head_dim)
         if ctx.padded_rows > comp.n:
             out = F.pad(out, (0, 0, 0, ctx.padded_rows - comp.n))

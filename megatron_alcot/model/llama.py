@@ -32,6 +32,7 @@ from megatron_alcot.model.transformer_layer import (RMSNorm, TransformerLayer, i
                                                    skip_init)
 from megatron_alcot.model.output import LapState, masked_mean
 from megatron_alcot.model.rotary import RotaryEmbedding
+from megatron_alcot.model.spec import LayerSpec, build_layer_spec
 from megatron_alcot.parallel import parallel_state
 from megatron_alcot.parallel.tensor_parallel import gemm, mappings
 from megatron_alcot.parallel.tensor_parallel.cross_entropy import (mask_padded_vocab,
@@ -60,9 +61,10 @@ class TransformerBlock(nn.Module):
     """``layers`` keyed by their GLOBAL index (state-dict names do not depend on PP) and, on the
     last stage, ``final_layernorm``."""
 
-    def __init__(self, cfg, layer_range: Tuple[int, int], post_process: bool, sequence_parallel: bool):
+    def __init__(self, cfg, spec: LayerSpec, layer_range: Tuple[int, int], post_process: bool,
+                 sequence_parallel: bool):
         super().__init__()
-        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, sequence_parallel)
+        self.layers = nn.ModuleDict({str(i): TransformerLayer(cfg, spec, sequence_parallel)
                                      for i in range(*layer_range)})
         if post_process:
             self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon,
@@ -83,14 +85,15 @@ class LlamaModel(nn.Module):
                                       and self.tp > 1)
         self.layer_range = tuple(layer_range) if layer_range is not None else (0, cfg.num_layers)
         self.padded_vocab_size = cfg.padded_vocab_size(self.tp)
+        self.spec = build_layer_spec(cfg)     # the kernels, chosen once for every layer
         self.embedding = LanguageEmbedding(cfg, self.padded_vocab_size) if pre_process else None
-        self.decoder = TransformerBlock(cfg, self.layer_range, post_process, self.sequence_parallel)
+        self.decoder = TransformerBlock(cfg, self.spec, self.layer_range, post_process, self.sequence_parallel)
         self.output_layer = None          # the LM head is the embedding (tied, same stage)
         if post_process and (cfg.untie_embeddings_and_output_weights or not pre_process):
             self.output_layer = ColumnParallelLinear(
                 cfg.hidden_size, self.padded_vocab_size, bias=False, gather_output=False,
                 init_method=skip_init, params_dtype=getattr(torch, cfg.params_dtype),
-                gemm_backend=cfg.cpu_gemm_backend)
+                gemm_backend=self.spec.gemm)
             if not cfg.untie_embeddings_and_output_weights:
                 # Tied weights split over stages: this copy starts equal to the embedding and its
                 # gradient must be summed with the first stage's (the embedding group).
@@ -111,8 +114,7 @@ class LlamaModel(nn.Module):
         """Replicated ``[..., h]`` -> vocab-parallel logits ``[..., V_padded/tp]``; the columns of
         vocabulary padding hold ``PADDED_LOGIT`` so they take no probability mass."""
         w = self.output_weight
-        logits = gemm.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w, None,
-                             self.config.cpu_gemm_backend)
+        logits = self.spec.gemm.linear(mappings.copy_to_tensor_model_parallel_region(h.to(w.dtype)), w)
         return mask_padded_vocab(logits, self.config.vocab_size)
 
     def lm_loss(self, h: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor):
@@ -130,7 +132,7 @@ class LlamaModel(nn.Module):
             chunk = chunk_rows_for(h.device, w.shape[0], labels.numel())
             return fused_linear_cross_entropy(mappings.copy_to_tensor_model_parallel_region(h), w,
                                               labels, weights, self.config.vocab_size, chunk,
-                                              gemm_backend=self.config.cpu_gemm_backend)
+                                              gemm_backend=self.spec.gemm)
         per_token = vocab_parallel_cross_entropy(self.lm_head(h), labels)
         return masked_mean(per_token, loss_mask.float()), per_token
 
@@ -159,7 +161,7 @@ class LlamaModel(nn.Module):
                                        [p.valid for p in past] + [comp.valid])
         rows = comp.gather(lap.hidden)
         padded_rows = comp.n
-        if not comp.dense and gemm.resolve_gemm_backend(self.config.cpu_gemm_backend, rows, rows) == "onednn":
+        if not comp.dense and self.spec.gemm.for_call(rows, rows) == "onednn":
             padded_rows = gemm.bucket_rows(comp.n)   # a few GEMM shapes, not one per row count
         if self.sequence_parallel:
             padded_rows = -(-padded_rows // self.tp) * self.tp

@@ -2,7 +2,7 @@
 and the name-driven weight initialisation.
 
     norm = RMSNorm(hidden, eps=1e-5)                      # F.rms_norm, eps on the variance (as HF)
-    layer = TransformerLayer(cfg, sequence_parallel=False)
+    layer = TransformerLayer(cfg, spec, sequence_parallel=False)  # spec = build_layer_spec(cfg)
     rows, k, v = layer(rows, ctx, past_keys, past_values)  # rows [n, h] (compacted), see attention.py
     init_parameters(model, cfg, seed=1234)
 
@@ -49,16 +49,16 @@ class RMSNorm(nn.Module):
 class SwiGLUMLP(nn.Module):
     """``fc2(silu(gate) · up)`` with ``[gate; up] = fc1(x)`` (column-parallel, stride 2)."""
 
-    def __init__(self, cfg, sequence_parallel: bool = False):
+    def __init__(self, cfg, spec, sequence_parallel: bool = False):
         super().__init__()
         dtype = getattr(torch, cfg.params_dtype)
         self.linear_fc1 = ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.ffn_size, bias=False, gather_output=False, init_method=skip_init,
             stride=2, sequence_parallel=sequence_parallel, params_dtype=dtype,
-            gemm_backend=cfg.cpu_gemm_backend)
+            gemm_backend=spec.gemm)
         self.linear_fc2 = RowParallelLinear(
             cfg.ffn_size, cfg.hidden_size, bias=False, input_is_parallel=True, init_method=skip_init,
-            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=cfg.cpu_gemm_backend)
+            sequence_parallel=sequence_parallel, params_dtype=dtype, gemm_backend=spec.gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x).chunk(2, dim=-1)
@@ -66,17 +66,18 @@ class SwiGLUMLP(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm LLaMA layer on compacted rows; returns this lap's keys/values for reuse."""
+    """Pre-norm LLaMA layer on compacted rows; returns this lap's keys/values for reuse. ``spec``
+    (``spec.LayerSpec``) holds the attention core and GEMM library, resolved once for the model."""
 
-    def __init__(self, cfg, sequence_parallel: bool = False):
+    def __init__(self, cfg, spec, sequence_parallel: bool = False):
         super().__init__()
         dtype = getattr(torch, cfg.params_dtype)
         self.hidden_dropout = cfg.hidden_dropout
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, sequence_parallel)
-        self.self_attention = SelfAttention(cfg, init_method=skip_init, output_init_method=skip_init,
+        self.self_attention = SelfAttention(cfg, spec, init_method=skip_init, output_init_method=skip_init,
                                             sequence_parallel=sequence_parallel)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_epsilon, dtype, sequence_parallel)
-        self.mlp = SwiGLUMLP(cfg, sequence_parallel)
+        self.mlp = SwiGLUMLP(cfg, spec, sequence_parallel)
 
     def _dropout(self, x):
         if self.hidden_dropout > 0 and self.training:

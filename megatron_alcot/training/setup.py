@@ -84,6 +84,7 @@ def build_run(config: RunConfig, tokenizer, world: int, on_model_built: Optional
     hardware.report(config.model, amp, device, emit=logger.print)
     _seed_everything(t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
     model = _build_model(config).to(device)
+    logger.print(f"[model] kernels: {model.spec.describe()}")
     if on_model_built is not None:
         on_model_built(model)
     apply_recompute(model, t.recompute_granularity, t.recompute_method, t.recompute_num_layers)

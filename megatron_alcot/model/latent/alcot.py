@@ -104,7 +104,7 @@ class ALCoTMethod(LatentMethod):
             probs = chunked_target_prob(hidden, model.output_weight.detach(),
                                         ctx.labels.reshape(-1).index_select(0, rows),
                                         cfg.latent_prob_chunk, vocab_size=cfg.vocab_size,
-                                        gemm_backend=cfg.cpu_gemm_backend)
+                                        gemm_backend=model.spec.gemm)
             p = p.reshape(-1).index_copy(0, rows, probs).view_as(r_next)
         return torch.where(sel, r_next * p.pow(cfg.latent_loss_beta), 0.0)
 

@@ -12,7 +12,7 @@ there is no communication and the results equal ``F.cross_entropy`` / ``softmax`
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -123,7 +123,7 @@ def target_prob_chunk_rows(device, vocab_per_rank: int) -> int:
 @torch.no_grad()
 def chunked_target_logprob(hidden: torch.Tensor, weight_parallel: torch.Tensor, target: torch.Tensor,
                            chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
-                           vocab_size: Optional[int] = None, gemm_backend: str = "auto") -> torch.Tensor:
+                           vocab_size: Optional[int] = None, gemm_backend: Union[str, gemm.GemmLibrary] = "auto") -> torch.Tensor:
     """``log p(target)`` for ``logits = hidden @ weight_parallel.T`` without materialising them.
 
     ``hidden [n, h]`` (or ``[..., h]``, flattened) must be identical on every TP rank,
@@ -178,7 +178,7 @@ def chunked_target_logprob(hidden: torch.Tensor, weight_parallel: torch.Tensor, 
 @torch.no_grad()
 def chunked_target_prob(hidden: torch.Tensor, weight_parallel: torch.Tensor, target: torch.Tensor,
                         chunk_rows: Optional[int] = None, chunk_vocab: Optional[int] = None,
-                        vocab_size: Optional[int] = None, gemm_backend: str = "auto") -> torch.Tensor:
+                        vocab_size: Optional[int] = None, gemm_backend: Union[str, gemm.GemmLibrary] = "auto") -> torch.Tensor:
     """``p(target)`` fp32 ``[n]``; see :func:`chunked_target_logprob`."""
     return chunked_target_logprob(hidden, weight_parallel, target, chunk_rows, chunk_vocab,
                                   vocab_size, gemm_backend).exp()

@@ -30,7 +30,7 @@ micro-batch::
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -141,7 +141,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight_parallel: torch.Tensor,
                                target: torch.Tensor, weights: torch.Tensor, vocab_size: int,
-                               chunk_rows: int = 1024, gemm_backend: str = "auto"):
+                               chunk_rows: int = 1024, gemm_backend: Union[str, gemm.GemmLibrary] = "auto"):
     """``(Σ weights·CE, detached per-token CE)`` of ``hidden @ weight_parallel.T``; see the module doc."""
     if hidden.shape[:-1] != target.shape or weights.shape != target.shape:
         raise ValueError(f"hidden {tuple(hidden.shape)}, target {tuple(target.shape)} and weights "

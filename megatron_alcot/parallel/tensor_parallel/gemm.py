@@ -1,6 +1,8 @@
 """Which library runs the fp32 GEMMs of the linear layers and the LM head (``--cpu-gemm-backend``).
 
-    y = linear(x, weight, bias, backend="auto")   # == F.linear(x, weight, bias), same gradients
+    lib = gemm_library("auto")                     # once, when a layer is built: GemmLibrary("onednn")
+    y = lib.linear(x, weight, bias)                # == F.linear(x, weight, bias), same gradients
+    y = linear(x, weight, bias, backend="auto")    # the same, resolved per call
     backend = resolve_gemm_backend("auto", x, weight)          # "torch" or "onednn" for this call
     logits = matmul_nt(h, weight, backend)         # h @ weight.T   (plain tensors, no autograd)
     grad_h = matmul_nn(g, weight, backend)         # g @ weight
@@ -26,7 +28,8 @@ runner does, for compacted laps).
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +71,8 @@ _MACHINE: Optional[Tuple[bool, bool]] = None
 
 
 def machine_support() -> Tuple[bool, bool]:
-    """``(oneDNN usable, auto picks it)``, probed once. The layers call it when built, so a
-    compiled forward only reads the cached answer; :func:`megatron_alcot.hardware.set_machine`
+    """``(oneDNN usable, auto picks it)``, probed once. :func:`gemm_library` reads it when a layer
+    is built, so a forward never probes; :func:`megatron_alcot.hardware.set_machine`
     (another rank's answers, a test's fake) clears it."""
     global _MACHINE
     if _MACHINE is None:
@@ -85,18 +88,27 @@ def _forget_machine() -> None:
 hardware.on_change(_forget_machine)
 
 
-def resolve_gemm_backend(backend: str, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """``torch`` or ``onednn``: the library that runs ``x @ weight.T`` for this call."""
+def _plain_fp32_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def gemm_library(backend: Union[str, "GemmLibrary"]) -> "GemmLibrary":
+    """``--cpu-gemm-backend backend`` on this machine: ``onednn`` where asked for (or, for ``auto``,
+    measured faster) and usable, else ``torch``. A library already resolved is returned as is."""
+    if isinstance(backend, GemmLibrary):
+        return backend
     if backend not in GEMM_BACKENDS:
         raise ValueError(f"--cpu-gemm-backend {backend!r} is unknown; choose one of {', '.join(GEMM_BACKENDS)}")
     if backend == "torch":
-        return "torch"
-    plain_fp32_cpu = (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
-                      and not torch.is_autocast_enabled("cpu"))
-    if not plain_fp32_cpu:
-        return "torch"
+        return GemmLibrary("torch")
     usable, auto = machine_support()
-    return "onednn" if (usable if backend == "onednn" else auto) else "torch"
+    return GemmLibrary("onednn" if (usable if backend == "onednn" else auto) else "torch")
+
+
+def resolve_gemm_backend(backend: Union[str, "GemmLibrary"], x: torch.Tensor, weight: torch.Tensor) -> str:
+    """``torch`` or ``onednn``: the library that runs ``x @ weight.T`` for this call."""
+    return gemm_library(backend).for_call(x, weight)
 
 
 def bucket_rows(n: int) -> int:
@@ -165,13 +177,31 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw, db
 
 
+@dataclass(frozen=True)
+class GemmLibrary:
+    """``--cpu-gemm-backend`` resolved on this machine (:func:`gemm_library`): ``name`` (``torch`` or
+    ``onednn``) runs the plain fp32 CPU GEMMs; every other call (GPU, other dtypes, under autocast)
+    runs torch's. A plain attribute, so a compiled forward reads it without a graph break."""
+
+    name: str
+
+    def for_call(self, x: torch.Tensor, weight: torch.Tensor) -> str:
+        """``torch`` or ``onednn``: the library that runs ``x @ weight.T`` for this call."""
+        return "onednn" if self.name == "onednn" and _plain_fp32_cpu(x, weight) else "torch"
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``F.linear(x, weight, bias)`` in the library :meth:`for_call` picks."""
+        if self.for_call(x, weight) == "onednn":
+            return _OneDNNLinear.apply(x if x.is_contiguous() else x.contiguous(), weight, bias)
+        return F.linear(x, weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-           backend: str = "auto") -> torch.Tensor:
+           backend: Union[str, "GemmLibrary"] = "auto") -> torch.Tensor:
     """``F.linear(x, weight, bias)`` run by the library :func:`resolve_gemm_backend` picks."""
-    if resolve_gemm_backend(backend, x, weight) == "onednn":
-        return _OneDNNLinear.apply(x if x.is_contiguous() else x.contiguous(), weight, bias)
-    return F.linear(x, weight, bias)
+    return gemm_library(backend).linear(x, weight, bias)
 
 
-__all__ = ["GEMM_BACKENDS", "auto_prefers_onednn", "bucket_rows", "cpu_vendor", "linear", "machine_support",
+__all__ = ["GEMM_BACKENDS", "GemmLibrary", "auto_prefers_onednn", "bucket_rows", "cpu_vendor", "gemm_library",
+           "linear", "machine_support",
            "matmul_nn", "matmul_nt", "onednn_available", "resolve_gemm_backend", "weight_grad"]

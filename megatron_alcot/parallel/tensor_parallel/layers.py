@@ -19,7 +19,8 @@ of a row-parallel linear / embedding are split along ``sequence_dim`` (default 0
 ``[n, h]``; use 1 for ``[b, s, h]``). The column layer all-gathers its input rows before the matmul,
 the row layer and the embedding reduce-scatter their output rows.
 
-``gemm_backend`` picks the library of the local fp32 CPU matmul (``gemm.py``, ``--cpu-gemm-backend``).
+``gemm_backend`` (``--cpu-gemm-backend``, or a ``gemm.GemmLibrary`` already resolved) is the library of
+the local fp32 CPU matmul; the layer resolves it on this machine when built, not per call.
 
 Every parameter gradient is complete after ``backward`` (the replicated row-parallel bias is
 all-reduced over TP inside the layer under sequence parallelism), so only the usual data-parallel
@@ -27,7 +28,7 @@ reduction remains.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,7 @@ class ColumnParallelLinear(nn.Module):
                  gather_output: bool = False, init_method: Optional[Callable] = None,
                  stride: int = 1, sequence_parallel: bool = False,
                  params_dtype: torch.dtype = torch.float32, sequence_dim: int = 0, device=None,
-                 gemm_backend: str = "auto"):
+                 gemm_backend: Union[str, gemm.GemmLibrary] = "auto"):
         super().__init__()
         world = parallel_state.get_tensor_model_parallel_world_size()
         if gather_output and stride > 1 and world > 1:
@@ -86,8 +87,7 @@ class ColumnParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.output_size_per_partition = divide(output_size, world * stride, "output size") * stride
         self.gather_output, self.stride = gather_output, stride
-        self.gemm_backend = gemm_backend
-        gemm.machine_support()
+        self.gemm = gemm.gemm_library(gemm_backend)
         self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         self.weight = _init_shard((output_size, input_size), 0, stride, init_method, params_dtype, device)
         self.bias = _zeros(self.output_size_per_partition, params_dtype, device, True, stride) if bias else None
@@ -97,7 +97,7 @@ class ColumnParallelLinear(nn.Module):
             x = mappings.gather_from_sequence_parallel_region(x, self.sequence_dim, True)
         else:
             x = mappings.copy_to_tensor_model_parallel_region(x)
-        y = gemm.linear(x, self.weight, self.bias, self.gemm_backend)
+        y = self.gemm.linear(x, self.weight, self.bias)
         if self.gather_output:
             y = mappings.gather_from_tensor_model_parallel_region(y)
         return y
@@ -119,7 +119,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, bias: bool = False,
                  input_is_parallel: bool = True, init_method: Optional[Callable] = None,
                  sequence_parallel: bool = False, params_dtype: torch.dtype = torch.float32,
-                 sequence_dim: int = 0, device=None, gemm_backend: str = "auto"):
+                 sequence_dim: int = 0, device=None, gemm_backend: Union[str, gemm.GemmLibrary] = "auto"):
         super().__init__()
         world = parallel_state.get_tensor_model_parallel_world_size()
         if sequence_parallel and not input_is_parallel:
@@ -127,8 +127,7 @@ class RowParallelLinear(nn.Module):
         self.input_size, self.output_size = input_size, output_size
         self.input_size_per_partition = divide(input_size, world, "input size")
         self.input_is_parallel = input_is_parallel
-        self.gemm_backend = gemm_backend
-        gemm.machine_support()
+        self.gemm = gemm.gemm_library(gemm_backend)
         self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         self.weight = _init_shard((output_size, input_size), 1, 1, init_method, params_dtype, device)
         self.bias = _zeros(output_size, params_dtype, device, False) if bias else None
@@ -136,7 +135,7 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tensor_model_parallel_region(x)
-        y = gemm.linear(x, self.weight, None, self.gemm_backend)
+        y = self.gemm.linear(x, self.weight, None)
         if self.sequence_parallel:
             y = mappings.reduce_scatter_to_sequence_parallel_region(y, self.sequence_dim)
         else:
