@@ -155,3 +155,29 @@ def test_gemm_library_chosen_at_build(machine_is):
     machine_is(fake(onednn_speedup=0.5))
     assert gemm.gemm_library("auto").name == "torch" and model.spec.gemm.name == "onednn"
     assert spec_lib.build_layer_spec(preset("tiny", cpu_gemm_backend="torch")).gemm.name == "torch"
+
+
+def _per_call_gemm_rule(backend: str, x, weight) -> str:
+    """``--cpu-gemm-backend`` as it was resolved on every call before the spec: the reference."""
+    if backend == "torch":
+        return "torch"
+    plain_fp32_cpu = (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+                      and not torch.is_autocast_enabled("cpu"))
+    if not plain_fp32_cpu:
+        return "torch"
+    usable, auto = gemm.machine_support()
+    return "onednn" if (usable if backend == "onednn" else auto) else "torch"
+
+
+@pytest.mark.parametrize("speedup", [2.0, 0.5])
+def test_gemm_library_chooses_as_the_per_call_rule(machine_is, speedup):
+    machine_is(fake(onednn_speedup=speedup))
+    w = torch.ones(3, 8)
+    calls = [(torch.ones(4, 8), w, False), (torch.ones(4, 8), w, True), (torch.ones(4, 8).double(), w.double(), False),
+             (torch.ones(4, 8).bfloat16(), w.bfloat16(), False), (torch.ones(4, 8, device="meta"), w.to("meta"), False)]
+    for backend in ("auto", "torch", "onednn"):
+        lib = gemm.gemm_library(backend)
+        assert gemm.gemm_library(lib) is lib
+        for x, weight, autocast in calls:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                assert lib.for_call(x, weight) == _per_call_gemm_rule(backend, x, weight), (backend, x.dtype, autocast)
