@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
+import memory_timeline  # noqa: E402
 from megatron_alcot import hardware  # noqa: E402
 from megatron_alcot.utils.atomic import atomic_output  # noqa: E402
 
@@ -73,42 +74,32 @@ GRID = [
 ]
 QUICK = ("TP1 PP1 DP1 ZeRO0 ℓ3 none", "TP1 PP1 DP1 ZeRO0 ℓ3 full")
 STEP_MARK = "memory_plan_bench.train_step"
+AFTER_BACKWARD_MARK = "memory_plan_bench.after_backward"
 
 
 def _measure_rank(rank, world, argv):
-    """Peak live CPU-allocator bytes of this rank during its ``train_step`` calls after the first."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-
+    """This rank's timeline over ``training.train.train``: peak live CPU-allocator bytes (every
+    thread) during its ``train_step`` calls after the first, split into the forward-backward and
+    what follows it (gradient reduction, optimizer step, parameter all-gather), and the live bytes
+    as each step starts."""
     import megatron_alcot.training.train as train_mod
+    import megatron_alcot.training.train_step as step_mod
     from megatron_alcot.arguments import parse_args
-    original = train_mod.train_step
-
-    def marked(*args, **kwargs):
-        with record_function(STEP_MARK):
-            return original(*args, **kwargs)
-
-    train_mod.train_step = marked
-    try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            train_mod.train(parse_args(list(argv)))
-    finally:
-        train_mod.train_step = original
-    events = list(prof.profiler.kineto_results.events())
-    steps = sorted((e.start_ns(), e.end_ns()) for e in events if e.name() == STEP_MARK)
-    memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
-    lo, hi = steps[1][0], steps[-1][1]          # every step after the first
-    live, peak = 0, 0
-    for ts, nbytes in memory:
-        live += nbytes
-        if lo <= ts <= hi:
-            peak = max(peak, live)
-    return peak
+    config = parse_args(list(argv))
+    timeline = memory_timeline.record(lambda: train_mod.train(config), {
+        STEP_MARK: (train_mod, "train_step"), AFTER_BACKWARD_MARK: (step_mod, "allreduce_tied_embedding_grads")})
+    steps, after = timeline.spans[STEP_MARK], timeline.spans[AFTER_BACKWARD_MARK]
+    fb = [timeline.peak_between(lo, a[0]) for (lo, _), a in zip(steps, after)]
+    rest = [timeline.peak_between(a[0], hi) for (_, hi), a in zip(steps, after)]
+    return {"peak": max(fb[1:] + rest[1:]), "forward_backward": max(fb[1:]), "after_backward": max(rest[1:]),
+            "between_steps": timeline.live_before(STEP_MARK)}
 
 
 def _rank_main(rank, world, port, argv, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    memory_timeline.count_every_thread()
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         queue.put((rank, _measure_rank(rank, world, argv), None))
