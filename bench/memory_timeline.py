@@ -1,7 +1,6 @@
 """Live bytes of the CPU allocator over a run, counted on every thread, with named phases.
 
-    count_every_thread()                  # once per process, before the tensors to be counted
-    timeline = record(lambda: train(argv), phases={"step": train_mod, ...})
+    timeline = record(lambda: train(argv), phases={"step": (train_mod, "train_step")})
     timeline.peak("step", first=1)        # largest live count inside every "step" span but the first
     timeline.live_before("step")          # live bytes as each "step" span opens
 
@@ -12,12 +11,14 @@ and released by gloo's worker thread after ``wait()`` returned) is never seen as
 the events drifts upwards by whole buffers at random (which thread drops the reference last is a
 race). With ``count_every_thread`` the CPU allocator itself keeps the count for every thread, and
 each event carries that count (``total_allocated``), so the timeline below is the process's live
-tensor bytes, sampled at every allocation and free of the profiled threads.
+tensor bytes, sampled at every allocation and free of the profiled threads, less what was live
+when the recording started.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Tuple
@@ -25,11 +26,13 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 _FLAG = "FLAGS_caffe2_report_cpu_memory_usage"
+_START = "memory_timeline.start"
 
 
 def count_every_thread() -> None:
     """Make c10's CPU allocator count allocations and frees of every thread (its
-    ``caffe2_report_cpu_memory_usage`` flag; not reachable from Python otherwise)."""
+    ``caffe2_report_cpu_memory_usage`` flag; not reachable from Python otherwise). It stays on for
+    the process: a tensor recorded in one run and freed after it must leave the count."""
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
     ctypes.c_bool.in_dll(lib, _FLAG).value = True
 
@@ -91,13 +94,19 @@ def _allocations(results):
 
 
 def record(fn: Callable[[], object], phases: Dict[str, Tuple[object, str]]) -> Timeline:
-    """Run ``fn`` under ``torch.profiler`` with ``profile_memory``; ``phases`` maps a span name to
-    ``(owner, attribute)``, a function looked up through ``owner`` that is marked for the run."""
-    from torch.profiler import ProfilerActivity, profile
+    """Run ``fn`` under ``torch.profiler`` with ``profile_memory``, counting every thread;
+    ``phases`` maps a span name to ``(owner, attribute)``, a function looked up through ``owner``
+    that is marked for the run. Live bytes count from the start of the recording."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    count_every_thread()
+    gc.collect()
     with contextlib.ExitStack() as stack:
         for name, (owner, attr) in phases.items():
             stack.enter_context(_marked(owner, attr, name))
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with record_function(_START):
+                probe = torch.empty(1)      # its event carries the count at the start
+            del probe
             fn()
     results = prof.profiler.kineto_results
     spans: Dict[str, List[Tuple[int, int]]] = {name: [] for name in phases}
@@ -106,4 +115,8 @@ def record(fn: Callable[[], object], phases: Dict[str, Tuple[object, str]]) -> T
             spans[event.name()].append((event.start_ns(), event.end_ns()))
     for name in spans:
         spans[name].sort()
-    return Timeline(sorted(_allocations(results)), spans)
+    samples = sorted(_allocations(results))
+    start = next(e.start_ns() for e in results.events() if e.name() == _START)
+    first = next((t, b) for t, b in samples if t >= start)
+    baseline = first[1] - torch.empty(1).untyped_storage().nbytes()
+    return Timeline([(t, b - baseline) for t, b in samples], spans)

@@ -113,6 +113,7 @@ class ActivationBytes:
     recompute_working: int      # one layer recomputed during backward (recompute only)
     kv_grads: int = 0           # gradients of earlier laps' keys/values, waiting during the backward
     per_lap_layers: Tuple[int, ...] = ()
+    first_layer_lap0: int = 0   # what the stage's first layer keeps in lap 0 (the backward's last)
 
     @property
     def held(self) -> int:
@@ -128,7 +129,8 @@ def _layer_row_elems(h: int, q: int, kv: int, f: int, granularity: Optional[str]
     the fused QKV output (its V slice is the lap's value block, which later laps read), rotated Q
     and K, the attention output (projection input), the MLP's fused gate/up output, SiLU output
     and product. Full recompute keeps the layer input and this lap's K and QKV block (later laps
-    attend to them); selective recompute drops what the attention core keeps."""
+    attend to them; the last lap's are kept only under the lap pipeline, see activation_bytes);
+    selective recompute drops what the attention core keeps."""
     if granularity == "full":
         return h, q + 3 * kv
     if granularity == "selective":
@@ -174,6 +176,14 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
         return n * (r_el * residual_bytes + c_el * compute_bytes) + (0 if granularity else scalars)
 
     per_lap = [wrapped * layer_bytes(recompute) + plain * layer_bytes(None) for _ in range(laps)]
+    if recompute == "full" and wrapped and not pipelined:
+        # No later lap reads the last lap's keys/values, so a checkpointed layer's outputs beyond
+        # its hidden state are dropped as soon as they are made. The lap pipeline keeps every lap's
+        # keys/values (graph outputs of its lap-cut graph, tied to the detached leaves).
+        per_lap[-1] -= wrapped * n * (q + 3 * kv) * compute_bytes
+    first = layer_bytes(recompute) if wrapped else layer_bytes(None)     # block recompute: the first N
+    if wrapped and recompute == "full" and laps == 1 and not pipelined:
+        first -= n * (q + 3 * kv) * compute_bytes
     # Lap k >= 1 attends to the keys/values of laps 0..k (saved by the attention core); in a
     # recomputed layer the attention is rebuilt in the backward, so only the working set holds them.
     kv_cat = plain * sum(n * _attention_extra_row_elems(kv, s, k, dense_mask) * compute_bytes
@@ -197,10 +207,11 @@ def activation_bytes(model_cfg, stage: StageParams, *, tp: int, micro_batch: int
     # The backward of lap k hands every earlier lap the gradient of its keys/values, which waits
     # until that lap's own backward (under PP: the K/V leaves of the lap-cut graphs).
     kv_grads = layers * (laps - 1) * 2 * n * kv * compute_bytes
-    return ActivationBytes(sum(per_lap), kv_cat, boundary, lm_head, working, kv_grads, tuple(per_lap))
+    return ActivationBytes(sum(per_lap), kv_cat, boundary, lm_head, working, kv_grads, tuple(per_lap), first)
 
 
-def _peak_activations(act: ActivationBytes, in_flight: int, laps: int, late_grads: Optional[int]) -> int:
+def _peak_activations(act: ActivationBytes, in_flight: int, laps: int, late_grads: Optional[int],
+                      late_before_first_layer: Optional[int] = None) -> int:
     """The largest activation (plus late-allocated gradient) bytes over a step's timeline.
 
     At the end of a forward every in-flight micro-batch holds ``act.held``. The backward starts with
@@ -208,13 +219,21 @@ def _peak_activations(act: ActivationBytes, in_flight: int, laps: int, late_grad
     recomputed (``act.recompute_working``). ``late_grads``: gradient bytes allocated only during the
     backward (autograd's own with one plain replica and one micro-batch, ZeRO-2's staging buckets);
     they all exist once the last lap's backward is done, while the earlier laps' activations wait.
+    With one lap the backward's last point of interest is the stage's first layer, recomputed
+    while lap 0's boundary tensors wait and ``late_before_first_layer`` of the late gradients (all
+    but the first layer's and the embedding's) exist.
     """
     ended = act.held * in_flight
     recomputing = ended - act.lm_head + act.recompute_working
-    # Once the last lap's backward is done: the earlier laps' activations, the gradients of their
-    # keys/values, the next recomputed layer, and the late gradients.
-    later = (act.held - act.lm_head) * (laps - 1) // laps + act.kv_grads + act.held * (in_flight - 1) + \
-        (act.recompute_working if laps > 1 else 0) + (late_grads or 0)
+    if laps > 1:
+        # Once the last lap's backward is done: the earlier laps' activations, the gradients of
+        # their keys/values, the next recomputed layer, and the late gradients.
+        later = (act.held - act.lm_head) * (laps - 1) // laps + act.kv_grads + \
+            act.held * (in_flight - 1) + act.recompute_working + (late_grads or 0)
+    else:
+        late = late_grads if late_before_first_layer is None else late_before_first_layer
+        later = act.lap_boundaries + act.first_layer_lap0 + act.held * (in_flight - 1) + \
+            act.recompute_working + (late or 0)
     return max(ended, recomputing, later)
 
 
@@ -402,12 +421,14 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
                                dense_mask=dense_mask, recomputed_layers=recomputed_layers, pipelined=pp > 1)
         # One low-precision copy of each matmul weight for the whole step (the step's weight-cast region).
         copies = s.matmul_numel * 2 if low_precision else 0
-        comm = 0
+        staging = 0
         if device == "cpu" and engine == "distributed-optimizer" and dp > 1:
-            # gloo's reduce-scatter and all-gather go through a staging copy of the bucket
-            comm += min(bucket_bytes, shard * dp * 4)
+            # gloo's reduce-scatter and all-gather go through a staging copy of the whole bucket
+            staging = min(bucket_bytes, shard * dp * 4)
+        p2p = 0
         if pp > 1:       # a lap's hidden state received and one sent, in the activation dtype
-            comm += 2 * t.micro_batch_size * m.seq_length * m.hidden_size * compute_bytes
+            p2p = 2 * t.micro_batch_size * m.seq_length * m.hidden_size * compute_bytes
+        comm = staging + p2p
         vals = {
             "parameters": params, "autocast weight copies": copies, "gradients": grads,
             "optimizer state": opt, "activations: layers (all laps)": act.layers,
@@ -419,8 +440,20 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
         for n in names:
             values[n].append(int(vals[n]))
         in_flight_all.append(in_flight)
-        transient = grads - late + _peak_activations(act, in_flight, m.max_latent_steps + 1, late or None)
-        totals.append(params + copies + opt + transient + comm + vals["runtime reserve"])
+        late_before_first = late
+        if lazy_grads:   # autograd's gradients of the first layer and the embedding come last
+            embedding = (m.padded_vocab_size(tp) // tp) * m.hidden_size \
+                if pre and (m.untie_embeddings_and_output_weights or pp > 1) else 0
+            late_before_first = max(0, late - 4 * (s.largest_layer_numel + embedding))
+        base = params + copies + opt + vals["runtime reserve"]
+        # With every gradient in one bucket the reduce-scatter starts once the backward is done, so
+        # its staging copy meets only the gradients and lap 0's boundary tensors; with several
+        # buckets one may be in flight at the backward's peak (counted there: an upper bound).
+        one_bucket = numel * 4 <= bucket_bytes
+        during = base + grads - late + p2p + (0 if one_bucket else staging) + _peak_activations(
+            act, in_flight, m.max_latent_steps + 1, late or None, late_before_first or None)
+        after = base + grads + staging + p2p + act.lap_boundaries if staging and one_bucket else 0
+        totals.append(max(during, after))
     if zero == 2 and engine == "distributed-optimizer":
         notes.append("gradients under ZeRO-2: " + ("staging buckets held until the end of the lap-cut "
                      "backward (PP > 1), plus the 1/DP shard" if pp > 1 else
