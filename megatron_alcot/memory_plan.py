@@ -451,7 +451,7 @@ def plan_memory(args, world_size: int, budget_gib: Optional[float] = None, *, re
         # buckets one may be in flight at the backward's peak (counted there: an upper bound).
         one_bucket = numel * 4 <= bucket_bytes
         during = base + grads - late + p2p + (0 if one_bucket else staging) + _peak_activations(
-            act, in_flight, m.max_latent_steps + 1, late or None, late_before_first or None)
+            act, in_flight, m.max_latent_steps + 1, late or None, late_before_first if late else None)
         after = base + grads + staging + p2p + act.lap_boundaries if staging and one_bucket else 0
         totals.append(max(during, after))
     if zero == 2 and engine == "distributed-optimizer":
