@@ -207,7 +207,7 @@ def test_ctrl_c_while_waiting_for_input_writes_nothing(tmp_path):
                             preexec_fn=_default_sigint)
     # Never hang the suite if the tool stops responding: kill its workers too, since they hold the
     # stderr pipe open and the readline below would otherwise wait for them forever.
-    watchdog = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))
+    watchdog = threading.Timer(600, os.killpg, (proc.pid, signal.SIGKILL))
     watchdog.start()
     try:
         with open(fifo, "w") as writer:

