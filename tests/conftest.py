@@ -33,3 +33,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def machine_is():
+    """Install a fake machine (``machine_is(fake_machine(...))``); the process's own answers come back after."""
+    from megatron_alcot import hardware
+    saved = hardware._MACHINE
+
+    def install(m):
+        hardware.set_machine(m)
+        return m
+    yield install
+    hardware.set_machine(saved)

@@ -9,29 +9,11 @@ import pytest
 import torch
 
 from megatron_alcot import hardware
-from megatron_alcot.hardware import MARGIN, Machine, ProbeOverrideError
+from megatron_alcot.hardware import MARGIN, ProbeOverrideError
 from megatron_alcot.model.attention_backends import UNFUSED_MAX_KEYS, resolve_backend
 from megatron_alcot.parallel.tensor_parallel import gemm
+from fake_machine import fake_machine as fake
 from dist_utils import run_distributed
-
-
-def fake(**ratios) -> Machine:
-    base = dict(cpu="Test CPU 9000", isa=["avx2"], torch_version=torch.__version__, bf16_speedup=1.0,
-                fp16_speedup=1.0, onednn_speedup=1.0, unfused_speedup_fp32=1.0, unfused_speedup_bf16=1.0)
-    base.update(ratios)
-    return Machine(**base)
-
-
-@pytest.fixture
-def machine_is():
-    """Install a fake machine for the test; the process's own answers come back afterwards."""
-    saved = hardware._MACHINE
-
-    def install(m: Machine) -> Machine:
-        hardware.set_machine(m)
-        return m
-    yield install
-    hardware.set_machine(saved)
 
 
 @pytest.fixture

@@ -6,26 +6,12 @@ import pytest
 import torch
 
 from megatron_alcot import hardware
-from megatron_alcot.hardware import Machine
 from megatron_alcot.model import attention_backends, build_model, spec as spec_lib
 from megatron_alcot.model.attention_backends import (FLEX_ON, UNFUSED_MAX_KEYS, AutoCore, FlexCore, SDPACore,
                                                      UnfusedCore, attention_core, resolve_backend)
 from megatron_alcot.model.presets import preset
 from megatron_alcot.parallel.tensor_parallel import gemm
-
-
-def fake(**ratios) -> Machine:
-    base = dict(cpu="Test CPU 9000", isa=["avx2"], torch_version=torch.__version__, bf16_speedup=1.0,
-                fp16_speedup=1.0, onednn_speedup=1.0, unfused_speedup_fp32=1.0, unfused_speedup_bf16=1.0)
-    base.update(ratios)
-    return Machine(**base)
-
-
-@pytest.fixture
-def machine_is():
-    saved = hardware._MACHINE
-    yield hardware.set_machine
-    hardware.set_machine(saved)
+from fake_machine import fake_machine as fake
 
 
 def _per_call_rule(q, num_keys: int, lap_mask: bool) -> str:
