@@ -8,10 +8,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_alcot.config.fields import flag
-
-TOKENIZER_TYPES = ("NullTokenizer", "SentencePieceTokenizer", "GPTSentencePieceTokenizer",
-                   "Llama2Tokenizer", "HuggingFaceTokenizer")
-NEEDS_TOKENIZER_MODEL = TOKENIZER_TYPES[1:]
+from megatron_alcot.data.tokenizers import NEEDS_TOKENIZER_MODEL, TOKENIZER_TYPES
 
 
 @dataclass

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "Llama2Tokenizer", "GPTSentencePieceTokenizer",
                    "HuggingFaceTokenizer", "NullTokenizer")
+NEEDS_TOKENIZER_MODEL = tuple(t for t in TOKENIZER_TYPES if t != "NullTokenizer")
 
 
 class TokenizerError(ValueError):
