@@ -6,6 +6,8 @@ the repository, tiny-model flags appended (the last value wins), 2 tasks, 2 Data
    job, the requeued run resumes, and its losses equal an uninterrupted run's bit for bit.
 2. SIGKILL while a checkpoint is being written: the job fails (not requeued) with the reason, and
    the previous checkpoint is the latest and loads.
+3. No signal from outside: the script's own timer signals the step SIGNAL_LEAD_S before the job's
+   time limit (read from squeue), and the job saves and is requeued.
 """
 import json
 import os
@@ -186,3 +188,30 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(slurm, tmp_path):
     assert latest_iteration(ckpt) == 2 and list_iterations(ckpt) == [2]
     state, meta = load_full_state_dict(ckpt)
     assert meta["iteration"] == 2 and state
+
+
+def test_time_limit_timer_signals_saves_and_requeues(slurm, tmp_path):
+    """No scancel from outside: the script reads the job's end time from squeue and SIGTERMs the
+    step SIGNAL_LEAD_S before it, the tasks save, and the script requeues the job."""
+    repo = _fresh_copy(tmp_path / "repo")
+    ckpt = str(tmp_path / "ckpt")
+    lead = 120            # a 3-minute limit: the signal ~60 s after the start, well after the tasks are up
+    env = _job_env(slurm, ckpt, SIGNAL_LEAD_S=str(lead))
+    flags = TINY + ["--train-iters", "100000", "--save-interval", "100000"]
+    out = subprocess.run(["sbatch", "--parsable", *SBATCH[:-1], "--time=3", "slurm/pretrain_7b.sh", *flags],
+                         cwd=repo, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    job = int(out.stdout.strip().split(";")[0])
+    _wait("the script to requeue the job",
+          lambda: slurm.job_field(job, "Restarts") == "1" and slurm.job_state(job) == "PENDING",
+          150, slurm, repo, job)
+    subprocess.run(["scancel", str(job)], env=slurm.env, check=True)
+    log = _log(repo, job)
+    assert f"{lead} s before the time limit: SIGTERM to the training tasks" in log, log
+    record_line = next(l for l in log.splitlines() if l.startswith("exiting at iteration"))
+    stopped = int(record_line.split()[3])
+    assert stopped >= 1 and record_line.endswith(f"(signal); checkpoint saved to {ckpt}"), log
+    assert "DataLoader worker" not in log and "Traceback" not in log, log
+    assert f"stopped cleanly (signal) at iteration {stopped}; requeueing job {job}" in log, log
+    from megatron_alcot.checkpointing import latest_iteration
+    assert latest_iteration(ckpt) == stopped
