@@ -34,7 +34,7 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176",
         "--make-vocab-size-divisible-by", "64", "--eval-iters", "0", "--latent-max-steps", "2",
         "--seed", "7", "--log-interval", "1", "--distributed-backend", "gloo",
         "--distributed-timeout-minutes", "3", "--peak-flops", "1", "--num-workers", "2"]
-SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10"]
+SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1"]
 
 
 def _fresh_copy(dst) -> str:
@@ -54,8 +54,8 @@ def _job_env(slurm, ckpt, **extra):
     return env
 
 
-def _submit(slurm, repo, env, flags) -> int:
-    out = subprocess.run(["sbatch", "--parsable", *SBATCH, "slurm/pretrain_7b.sh", *flags],
+def _submit(slurm, repo, env, flags, minutes=10) -> int:
+    out = subprocess.run(["sbatch", "--parsable", *SBATCH, f"--time={minutes}", "slurm/pretrain_7b.sh", *flags],
                          cwd=repo, env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     return int(out.stdout.strip().split(";")[0])
@@ -198,10 +198,7 @@ def test_time_limit_timer_signals_saves_and_requeues(slurm, tmp_path):
     lead = 120            # a 3-minute limit: the signal ~60 s after the start, well after the tasks are up
     env = _job_env(slurm, ckpt, SIGNAL_LEAD_S=str(lead))
     flags = TINY + ["--train-iters", "100000", "--save-interval", "100000"]
-    out = subprocess.run(["sbatch", "--parsable", *SBATCH[:-1], "--time=3", "slurm/pretrain_7b.sh", *flags],
-                         cwd=repo, env=env, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-    job = int(out.stdout.strip().split(";")[0])
+    job = _submit(slurm, repo, env, flags, minutes=3)
     _wait("the script to requeue the job",
           lambda: slurm.job_field(job, "Restarts") == "1" and slurm.job_state(job) == "PENDING",
           150, slurm, repo, job)
